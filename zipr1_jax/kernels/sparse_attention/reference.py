@@ -1,0 +1,101 @@
+"""Pure-jnp compact sparse attention (the `xla` backend and the test oracle).
+
+`attend_compact_reference` is the contract every backend implements: query l of row b attends
+kept key t iff t < k_count[b] and k_pos[b, t] <= q_pos[b, l] (causality on ORIGINAL array
+indices); GQA maps query head n to kv head n // (N // K); float32 softmax; a query with no
+visible key outputs exactly 0, with finite gradients. `masked_dense_attention` is the brute-force
+oracle over the full sequence with a keep mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from zipr1_jax.typing import Array, Bool, Float, Int
+
+# Finite "-inf": exp underflows to exactly 0 and no inf - inf = NaN can appear in any gradient.
+_MASKED = -1e30
+
+
+def check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B):
+    """Shape / dtype validation shared by the backends; returns (B, L, N, T, K, H)."""
+    for name, x in (("q_BLNH", q_BLNH), ("k_BTKH", k_BTKH), ("v_BTKH", v_BTKH)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be rank 4, got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    B, L, N, H = q_BLNH.shape
+    if k_BTKH.shape != v_BTKH.shape:
+        raise ValueError(f"k_BTKH {k_BTKH.shape} and v_BTKH {v_BTKH.shape} must have the same shape")
+    Bk, T, K, Hk = k_BTKH.shape
+    if (Bk, Hk) != (B, H):
+        raise ValueError(f"k_BTKH {k_BTKH.shape} must match q_BLNH {q_BLNH.shape} in batch and head_dim")
+    if K == 0 or N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K} (GQA)")
+    for name, x, shape in (("q_pos_BL", q_pos_BL, (B, L)), ("k_pos_BT", k_pos_BT, (B, T)),
+                           ("k_count_B", k_count_B, (B,))):
+        if tuple(x.shape) != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array of shape {shape}, got "
+                             f"{x.dtype}{tuple(x.shape)}")
+    return B, L, N, T, K, H
+
+
+def _masked_softmax_attend(q_BLNH, k_BTKH, v_BTKH, mask_BLT, sm_scale):
+    """float32 GQA attention with a [B, L, T] mask; rows with no visible key give 0."""
+    B, L, N, H = q_BLNH.shape
+    K = k_BTKH.shape[2]
+    G = N // K
+    scale = 1.0 / math.sqrt(H) if sm_scale is None else float(sm_scale)
+    q = q_BLNH.astype(jnp.float32).reshape(B, L, K, G, H)
+    k = k_BTKH.astype(jnp.float32)
+    v = v_BTKH.astype(jnp.float32)
+    s = jnp.einsum("blkgh,btkh->bkglt", q, k, precision="highest") * scale
+    mask = mask_BLT[:, None, None]
+    s = jnp.where(mask, s, _MASKED)
+    m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+    e = jnp.where(mask, jnp.exp(s - m), 0.0)
+    den = e.sum(axis=-1, keepdims=True)
+    a = e / jnp.where(den > 0, den, 1.0)
+    o = jnp.einsum("bkglt,btkh->blkgh", a, v, precision="highest")
+    return o.reshape(B, L, N, H).astype(q_BLNH.dtype)
+
+
+def attend_compact_reference(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T K H"],
+                             v_BTKH: Float[Array, "B T K H"], q_pos_BL: Int[Array, "B L"],
+                             k_pos_BT: Int[Array, "B T"], k_count_B: Int[Array, "B"], *,
+                             sm_scale: float | None = None) -> Float[Array, "B L N H"]:
+    """Attention of every query over the compact kept keys (see module docstring).
+
+    Keys at slots >= k_count are zeroed before use so garbage (even NaN) there cannot leak.
+    Output dtype = q dtype; arithmetic in float32.
+    """
+    check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B)
+    T = k_BTKH.shape[1]
+    live_BT = jnp.arange(T)[None, :] < k_count_B[:, None]
+    k = jnp.where(live_BT[:, :, None, None], k_BTKH, jnp.zeros_like(k_BTKH))
+    v = jnp.where(live_BT[:, :, None, None], v_BTKH, jnp.zeros_like(v_BTKH))
+    mask_BLT = live_BT[:, None, :] & (k_pos_BT[:, None, :] <= q_pos_BL[:, :, None])
+    return _masked_softmax_attend(q_BLNH, k, v, mask_BLT, sm_scale)
+
+
+def masked_dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"],
+                           v_BSKH: Float[Array, "B S K H"], keep_BS: Bool[Array, "B S"],
+                           valid_BL: Bool[Array, "B L"] | None = None, *,
+                           sm_scale: float | None = None) -> Float[Array, "B L N H"]:
+    """Brute-force oracle: query l (array index l, L == S) attends key j iff keep[j] and j <= l.
+
+    `valid_BL` (optional) zeroes the outputs of padding queries.
+    """
+    B, L = q_BLNH.shape[:2]
+    S = k_BSKH.shape[1]
+    if L != S:
+        raise ValueError(f"masked_dense_attention needs L == S (prefill), got L={L}, S={S}")
+    causal_LS = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]
+    mask_BLS = keep_BS[:, None, :] & causal_LS[None]
+    o = _masked_softmax_attend(q_BLNH, k_BSKH, v_BSKH, mask_BLS, sm_scale)
+    if valid_BL is not None:
+        o = jnp.where(valid_BL[:, :, None, None], o, jnp.zeros_like(o))
+    return o

@@ -1,0 +1,220 @@
+"""Qwen2-VL / Qwen2.5-VL for conditional generation (Flax NNX): embedding, vision-token scatter,
+decoder stack, final norm, lm head, plus prefill / cached decode.
+
+Attribute tree mirrors Hugging Face (`visual`, `embed_tokens`, `layers[i]`, `norm`, `lm_head`), so
+the HF key table in hf_params.py is a plain rename + transpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, write_at
+from zipr1_jax.models.qwen_vl.config import QwenVLConfig
+from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
+from zipr1_jax.models.qwen_vl.vision import VisionTower
+from zipr1_jax.models.qwen_vl.text import AttendFn, DecoderLayer, RMSNorm, DEFAULT_INIT
+from zipr1_jax.sharding.logical import constrain, param_axes
+
+
+@struct.dataclass
+class ModelOutput:
+    """logits [B, L, V] float32; hidden_states: (embeddings, after layer 0, ..., final normed)."""
+
+    logits: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class QwenVLForConditionalGeneration(nnx.Module):
+    """The whole model. Parameters carry logical axis names; activations are `constrain`ed."""
+
+    def __init__(self, config: QwenVLConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        t = config.text
+        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        # Logical names are metadata only: shardings are applied later from the rules table.
+        with nnx.use_eager_sharding(False):
+            self.visual = VisionTower(config, rngs=rngs)
+            self.embed_tokens = nnx.Embed(t.vocab_size, t.hidden_size, dtype=dtype, param_dtype=pdtype,
+                                          embedding_init=param_axes(DEFAULT_INIT, ("vocab", "embed")), rngs=rngs)
+            self.layers = nnx.List([DecoderLayer(t, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+                                    for _ in range(t.num_hidden_layers)])
+            self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pdtype)
+            if not t.tie_word_embeddings:
+                self.lm_head = nnx.Linear(t.hidden_size, t.vocab_size, use_bias=False, dtype=dtype,
+                                          param_dtype=pdtype, kernel_init=param_axes(DEFAULT_INIT, ("embed", "vocab")),
+                                          rngs=rngs)
+
+    # ------------------------------------------------------------------ pieces
+    def _logits(self, h_BLD: jax.Array) -> jax.Array:
+        if self.config.text.tie_word_embeddings:
+            emb_VD = self.embed_tokens.embedding[...].astype(h_BLD.dtype)
+            logits = jnp.einsum("bld,vd->blv", h_BLD, emb_VD)
+        else:
+            logits = self.lm_head(h_BLD)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _scatter(self, x_BLD, input_ids_BL, token_id: int, feats_PD, kind: str):
+        mask_BL = input_ids_BL == token_id
+        if _is_concrete(input_ids_BL):
+            n_tokens = int(np.sum(np.asarray(mask_BL)))
+            if n_tokens != feats_PD.shape[0]:
+                raise ValueError(f"{kind} features and {kind} pad tokens do not match: {n_tokens} pad tokens "
+                                 f"(id {token_id}) in input_ids but the vision tower produced "
+                                 f"{feats_PD.shape[0]} merged patches")
+        # i-th pad token (row-major) takes the i-th merged patch: cumsum index + select (jit friendly).
+        flat = mask_BL.reshape(-1)
+        idx = jnp.clip(jnp.cumsum(flat) - 1, 0, max(feats_PD.shape[0] - 1, 0))
+        picked = feats_PD.astype(x_BLD.dtype)[idx].reshape(x_BLD.shape)
+        return jnp.where(mask_BL[..., None], picked, x_BLD)
+
+    def embed(self, input_ids_BL, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None) -> jax.Array:
+        """Token embeddings with image / video pad tokens replaced by merged vision features."""
+        c = self.config
+        x_BLD = self.embed_tokens(jnp.asarray(input_ids_BL))
+        for pix, grid, tid, kind in ((pixel_values, image_grid_thw, c.image_token_id, "image"),
+                                     (pixel_values_videos, video_grid_thw, c.video_token_id, "video")):
+            if pix is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind}: pixel values were given without a grid_thw")
+            feats_PD = self.visual(jnp.asarray(pix), np.asarray(grid))
+            x_BLD = self._scatter(x_BLD, input_ids_BL, tid, feats_PD, kind)
+        return constrain(x_BLD, ("batch", "length", "embed"))
+
+    def position_ids(self, input_ids_BL, attention_mask_BL=None, image_grid_thw=None, video_grid_thw=None,
+                     second_per_grid_ts=None) -> tuple[jax.Array, jax.Array]:
+        """(position_ids [3, B, L], rope_deltas [B]): device-side for pure text, host NumPy with vision."""
+        if image_grid_thw is None and video_grid_thw is None:
+            mask = jnp.ones(jnp.shape(input_ids_BL), jnp.int32) if attention_mask_BL is None else attention_mask_BL
+            pos = text_position_ids(jnp.asarray(mask))
+            return pos, (jnp.max(pos[0], axis=-1) + 1 - jnp.sum(jnp.asarray(mask) > 0, axis=-1)).astype(jnp.int32)
+        if not (_is_concrete(input_ids_BL) and (attention_mask_BL is None or _is_concrete(attention_mask_BL))):
+            raise ValueError("position ids of a vision prompt are computed on the host: pass concrete input_ids / "
+                             "attention_mask or precomputed position_ids_3BL under jit")
+        pos, deltas = get_rope_index(self.config, np.asarray(input_ids_BL),
+                                     None if attention_mask_BL is None else np.asarray(attention_mask_BL),
+                                     image_grid_thw, video_grid_thw, second_per_grid_ts)
+        return jnp.asarray(pos, jnp.int32), jnp.asarray(deltas, jnp.int32)
+
+    def _rope(self, position_ids_3BL):
+        t = self.config.text
+        return mrope_cos_sin(jnp.asarray(position_ids_3BL), head_dim=t.head_dim, theta=t.rope_theta,
+                             mrope_section=t.mrope_section)
+
+    def _stack(self, x_BLD, cos, sin, mask_BLS, *, attend, kv_updates=None, collect=False):
+        hidden = [x_BLD] if collect else None
+        attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x_BLD = layer(x_BLD, cos, sin, mask_BLS, attend=attends[i],
+                          kv_update=None if kv_updates is None else kv_updates[i])
+            if collect and i < len(self.layers) - 1:
+                hidden.append(x_BLD)
+        h_BLD = self.norm(x_BLD)
+        if collect:
+            hidden.append(h_BLD)
+        return h_BLD, (tuple(hidden) if collect else None)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids_BL, *, attention_mask_BL=None, position_ids_3BL=None, pixel_values=None,
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                 return_hidden_states: bool = False,
+                 attend: AttendFn | Sequence[AttendFn | None] | None = None) -> ModelOutput:
+        """Full causal forward. `attend` optionally replaces the attention core (one or per layer)."""
+        if position_ids_3BL is None:
+            position_ids_3BL, _ = self.position_ids(input_ids_BL, attention_mask_BL, image_grid_thw,
+                                                    video_grid_thw, second_per_grid_ts)
+        x_BLD = self.embed(input_ids_BL, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                           pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        B, L = x_BLD.shape[:2]
+        mask_BLS = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool))[None], (B, L, L))
+        if attention_mask_BL is not None:
+            mask_BLS = mask_BLS & (jnp.asarray(attention_mask_BL) > 0)[:, None, :]
+        cos, sin = self._rope(position_ids_3BL)
+        h_BLD, hidden = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, collect=return_hidden_states)
+        return ModelOutput(logits=self._logits(h_BLD), hidden_states=hidden)
+
+    # ------------------------------------------------------------------ KV cache
+    def prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,
+                rope_deltas_B=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                video_grid_thw=None, second_per_grid_ts=None, last_only: bool = True,
+                attend: AttendFn | Sequence[AttendFn | None] | None = None):
+        """Run the prompt, returning (logits, cache, rope_deltas_B).
+
+        logits: [B, V] at each row's last valid position if `last_only`, else
+        [B, L, V]. The cache holds each row's valid entries compacted to the front.
+        """
+        if position_ids_3BL is None:
+            position_ids_3BL, rope_deltas_B = self.position_ids(input_ids_BL, attention_mask_BL, image_grid_thw,
+                                                                video_grid_thw, second_per_grid_ts)
+        elif rope_deltas_B is None:
+            raise ValueError("prefill: pass rope_deltas_B together with position_ids_3BL")
+        x_BLD = self.embed(input_ids_BL, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                           pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        B, L = x_BLD.shape[:2]
+        valid_BL = jnp.ones((B, L), bool) if attention_mask_BL is None else jnp.asarray(attention_mask_BL) > 0
+        mask_BLS = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
+        cos, sin = self._rope(position_ids_3BL)
+        ks, vs = [], []
+
+        def keep(k_BLKH, v_BLKH):
+            ks.append(compact_front(k_BLKH, valid_BL, capacity))
+            vs.append(compact_front(v_BLKH, valid_BL, capacity))
+            return k_BLKH, v_BLKH
+
+        h_BLD, _ = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, kv_updates=[keep] * len(self.layers))
+        n_valid_B = jnp.sum(valid_BL, axis=1).astype(jnp.int32)
+        cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs),
+                        length=jnp.broadcast_to(n_valid_B[None], (len(self.layers), B)))
+        if last_only:
+            # Each row's last valid token (the last column under left padding; any mask works).
+            last_B = jnp.max(jnp.where(valid_BL, jnp.arange(L)[None], 0), axis=1)
+            h_B1D = jnp.take_along_axis(h_BLD, last_B[:, None, None], axis=1)
+            return self._logits(h_B1D)[:, 0], cache, rope_deltas_B
+        return self._logits(h_BLD), cache, rope_deltas_B
+
+    def decode_step(self, input_ids_BT, cache: KVCache, *, rope_deltas_B=None, position_ids_3BT=None,
+                    attend: AttendFn | Sequence[AttendFn | None] | None = None):
+        """Append T new tokens per row at `cache.length` and return (logits [B, T, V], new cache).
+
+        Positions default to length + t + rope_delta (text continuation after the prompt).
+        """
+        B, T = input_ids_BT.shape
+        length_B = cache.length[0]
+        if position_ids_3BT is None:
+            if rope_deltas_B is None:
+                raise ValueError("decode_step: pass rope_deltas_B (from prefill) or position_ids_3BT")
+            pos_BT = length_B[:, None] + jnp.arange(T)[None] + jnp.asarray(rope_deltas_B)[:, None]
+            position_ids_3BT = jnp.broadcast_to(pos_BT[None], (3, B, T))
+        x_BTD = constrain(self.embed_tokens(input_ids_BT), ("batch", "length", "embed"))
+        cos, sin = self._rope(position_ids_3BT)
+        new_k, new_v = [], []
+
+        def updater(y):
+            def update(k_BTKH, v_BTKH):
+                k_all = write_at(cache.k[y], k_BTKH, cache.length[y])
+                v_all = write_at(cache.v[y], v_BTKH, cache.length[y])
+                new_k.append(k_all)
+                new_v.append(v_all)
+                return (constrain(k_all, ("batch", "kv_length", "kv_heads", "head_dim")),
+                        constrain(v_all, ("batch", "kv_length", "kv_heads", "head_dim")))
+            return update
+
+        # Layers may hold different lengths (sparse caches); the mask is per layer, so build it inside.
+        masks = [decode_mask(cache.length[y], T, cache.capacity) for y in range(len(self.layers))]
+        attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
+        x = x_BTD
+        for y, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[y], attend=attends[y], kv_update=updater(y))
+        logits = self._logits(self.norm(x))
+        return logits, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), length=cache.length + T)

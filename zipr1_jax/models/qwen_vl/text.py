@@ -1,0 +1,131 @@
+"""Qwen2 decoder blocks: RMSNorm, GQA self-attention with q/k/v bias and M-RoPE, SwiGLU MLP.
+
+The attention math lives in ONE function, `dense_attention`; a decoder layer calls whatever
+`attend` function it is given (default `dense_attention`), which is the single hook through which
+sparse attention replaces it. Layers also accept a `kv_update` callback so the same code path serves
+the full forward, prefill and cached decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zipr1_jax.models.qwen_vl.config import TextConfig
+from zipr1_jax.models.qwen_vl.rope import apply_rotary
+from zipr1_jax.sharding.logical import constrain, param_axes
+from zipr1_jax.typing import Array, Bool, Float
+
+# (q_BLNH, k_BSKH, v_BSKH, mask_BLS) -> o_BLNH
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
+# (k_BLKH, v_BLKH) -> (k_BSKH, v_BSKH): e.g. write new entries into a cache and return all of it.
+KVUpdateFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+DEFAULT_INIT = jax.nn.initializers.normal(0.02)
+
+
+def dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"],
+                    v_BSKH: Float[Array, "B S K H"], mask_BLS: Bool[Array, "B L S"] | None,
+                    *, sm_scale: float | None = None) -> Float[Array, "B L N H"]:
+    """Softmax attention with grouped KV heads (query head n uses kv head n // (N / K)).
+
+    Logits and softmax are float32. A query row with no visible key gets a uniform average rather
+    than NaN (such rows are padding; their output is never used).
+    """
+    B, L, N, H = q_BLNH.shape
+    K = k_BSKH.shape[2]
+    if N % K:
+        raise ValueError(f"dense_attention: {N} query heads are not a multiple of {K} kv heads")
+    scale = H**-0.5 if sm_scale is None else sm_scale
+    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
+    logits_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BSKH,
+                              preferred_element_type=jnp.float32).astype(jnp.float32) * scale
+    if mask_BLS is not None:
+        logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, jnp.finfo(jnp.float32).min)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
+    o_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BSKH)
+    return o_BLKGH.reshape(B, L, N, H)
+
+
+class RMSNorm(nnx.Module):
+    """y = scale * (x / rms(x)); the variance is float32, the result is cast back before scaling."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, axis_name: str = "embed"):
+        self.eps = eps
+        with nnx.use_eager_sharding(False):  # logical names are metadata; rules shard later
+            self.scale = nnx.Param(param_axes(jax.nn.initializers.ones, (axis_name,))(None, (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.scale[...].astype(x.dtype) * normed
+
+
+def _linear(din: int, dout: int, axes: tuple[str, str], *, bias: bool, dtype, param_dtype, rngs) -> nnx.Linear:
+    with nnx.use_eager_sharding(False):
+        return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=param_axes(DEFAULT_INIT, axes),
+                          bias_init=param_axes(jax.nn.initializers.zeros, (axes[1],)), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Qwen2 self-attention: biased q/k/v projections, M-RoPE on q and k, unbiased o_proj."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = _linear(D, N * H, ("embed", "heads"), bias=True, **kw)
+        self.k_proj = _linear(D, K * H, ("embed", "kv_heads"), bias=True, **kw)
+        self.v_proj = _linear(D, K * H, ("embed", "kv_heads"), bias=True, **kw)
+        self.o_proj = _linear(N * H, D, ("heads", "embed"), bias=False, **kw)
+
+    def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array, mask_BLS: jax.Array | None,
+                 *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None) -> jax.Array:
+        B, L, _ = x_BLD.shape
+        q_BLNH = self.q_proj(x_BLD).reshape(B, L, self.num_heads, self.head_dim)
+        k_BLKH = self.k_proj(x_BLD).reshape(B, L, self.num_kv_heads, self.head_dim)
+        v_BLKH = self.v_proj(x_BLD).reshape(B, L, self.num_kv_heads, self.head_dim)
+        q_BLNH = constrain(apply_rotary(q_BLNH, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
+        k_BLKH = constrain(apply_rotary(k_BLKH, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
+        v_BLKH = constrain(v_BLKH, ("batch", "length", "kv_heads", "head_dim"))
+        k_BSKH, v_BSKH = (k_BLKH, v_BLKH) if kv_update is None else kv_update(k_BLKH, v_BLKH)
+        o_BLNH = (attend or dense_attention)(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
+        o_BLNH = constrain(o_BLNH.astype(x_BLD.dtype), ("batch", "length", "heads", "head_dim"))
+        return self.o_proj(o_BLNH.reshape(B, L, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = _linear(D, F, ("embed", "mlp"), **kw)
+        self.up_proj = _linear(D, F, ("embed", "mlp"), **kw)
+        self.down_proj = _linear(F, D, ("mlp", "embed"), **kw)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        h_BLF = jax.nn.silu(self.gate_proj(x_BLD)) * self.up_proj(x_BLD)
+        return self.down_proj(constrain(h_BLF, ("batch", "length", "mlp")))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array, mask_BLS: jax.Array | None,
+                 *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None) -> jax.Array:
+        h_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), cos_BLH, sin_BLH, mask_BLS,
+                                       attend=attend, kv_update=kv_update)
+        out_BLD = h_BLD + self.mlp(self.post_attention_layernorm(h_BLD))
+        return constrain(out_BLD, ("batch", "length", "embed"))
