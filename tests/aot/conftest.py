@@ -11,7 +11,7 @@ import pytest
 
 H100_TARGET = os.environ.get(
     "ZIPR1_H100_TARGET",
-    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "targets", "h100_sxm.txtpb"))
+    os.path.join(os.path.dirname(__file__), "targets", "h100_sxm.txtpb"))
 
 
 def _topology(kind: str):

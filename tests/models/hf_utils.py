@@ -34,7 +34,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
     for name, p in module.named_parameters():
         if p.ndim >= 2:
             fan_in = math.prod(p.shape[1:])
-            scale = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(fan_in)
+            # Embeddings double as the tied lm head: 0.25 keeps tied logits O(1), like untied ones.
+            scale = 0.25 if "embed_tokens" in name else 1.0 / math.sqrt(fan_in)
             p.copy_(torch.randn(p.shape, generator=g) * scale)
         elif name.endswith("bias"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)

@@ -17,8 +17,8 @@ from flax import nnx, struct
 from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, write_at
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
+from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm
 from zipr1_jax.models.qwen_vl.vision import VisionTower
-from zipr1_jax.models.qwen_vl.text import AttendFn, DecoderLayer, RMSNorm, DEFAULT_INIT
 from zipr1_jax.sharding.logical import constrain, param_axes
 
 

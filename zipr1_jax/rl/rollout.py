@@ -1,0 +1,293 @@
+"""Jitted rollout sampler: one prefill, then a `lax.while_loop` of cached decode steps.
+
+    out = generate(model, prompt_ids_BL, prompt_mask_BL, rng,
+                   config=SamplingConfig(max_new_tokens=32, eos_ids=(256,), pad_id=257, temperature=1.0),
+                   p_B=p_B)                     # per-row sparsity threshold (multi-budget groups)
+    out.tokens_BT, out.logprobs_BT, out.mask_BT, out.lengths_B, out.token_ratio_B, out.layer_ratio_BY
+
+Prompts are LEFT padded (every row's last prompt token sits in the last column). Position ids and
+M-RoPE deltas are computed on the host before jit (vision prompts need concrete ids and grids); the
+image grids are static jit arguments because they fix the vision tower's shapes. There is no Python
+loop over tokens: the whole prefill + decode loop is one compiled program per (prompt shape,
+grid, SamplingConfig).
+
+Log-probs returned are those of the sampled token under the temperature-scaled FULL distribution,
+`log_softmax(logits / T)` (T = 1 for greedy), i.e. the policy the learner recomputes; top-k/top-p
+only restrict which tokens can be drawn. Comparing them with the learner's old-policy log-probs is
+the sampler-vs-trainer mismatch check.
+
+Sparse prefill (ZipVL top-p selection, per-row p) is reached through one named hook: when `p_B` is
+given the model must provide `SPARSE_PREFILL_METHOD` (see `_prefill`). With `p_B=None` the prefill
+is dense and every token ratio is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from zipr1_jax.typing import Array, Bool, Float, Int
+
+# The hook a sparse-capable model implements. Signature expected by `_prefill`:
+#   model.sparse_prefill(input_ids_BL, *, capacity, attention_mask_BL, position_ids_3BL, rope_deltas_B,
+#                        p_B, rng, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+#     -> (last_logits_BV, cache: KVCache (compacted kept entries, per-layer lengths), layer_ratio_BY)
+# where layer_ratio_BY[b, y] = kept keys / valid prompt length of row b in layer y.
+SPARSE_PREFILL_METHOD = "sparse_prefill"
+
+
+class RolloutError(ValueError):
+    """Bad rollout inputs (shapes, padding side, sampling settings)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Static sampling settings (hashable: part of the jit cache key)."""
+
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise RolloutError(f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        if not self.eos_ids:
+            raise RolloutError("SamplingConfig.eos_ids must hold at least one stop token id")
+        if not self.temperature >= 0:
+            raise RolloutError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RolloutError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RolloutError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@struct.dataclass
+class RolloutOutput:
+    """tokens_BT: generated ids, `pad_id` after a row stopped; logprobs_BT: log pi(token), 0 where
+    masked; mask_BT: True on generated tokens (the stop token included); lengths_B: their count;
+    finished_B: the row emitted a stop token; token_ratio_B / layer_ratio_BY: prefill kept fraction
+    (mean over layers / per layer); p_B: the thresholds used (1.0 = dense)."""
+
+    tokens_BT: Int[Array, "B T"]
+    logprobs_BT: Float[Array, "B T"]
+    mask_BT: Bool[Array, "B T"]
+    lengths_B: Int[Array, "B"]
+    finished_B: Bool[Array, "B"]
+    token_ratio_B: Float[Array, "B"]
+    layer_ratio_BY: Float[Array, "B Y"]
+    p_B: Float[Array, "B"]
+
+
+# ---------------------------------------------------------------------- pure sampling functions
+def filter_logits(logits_BV: Float[Array, "B V"], *, top_k: int = 0, top_p: float = 1.0) -> Float[Array, "B V"]:
+    """Set logits outside the top-k set and outside the top-p nucleus to -inf.
+
+    top-p keeps the smallest prefix of tokens (by descending probability) whose mass reaches `top_p`;
+    the most likely token is always kept, so no row becomes empty.
+    """
+    neg = jnp.asarray(-jnp.inf, logits_BV.dtype)
+    if top_k > 0 and top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, neg, logits_BV)
+    if top_p < 1.0:
+        order_BV = jnp.argsort(-logits_BV, axis=-1)
+        sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
+        probs_BV = jax.nn.softmax(sorted_BV.astype(jnp.float32), axis=-1)
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        keep_sorted_BV = mass_before_BV < top_p
+        keep_sorted_BV = keep_sorted_BV.at[:, 0].set(True)
+        # Scatter the sorted keep-mask back to vocabulary order.
+        keep_BV = jnp.zeros_like(keep_sorted_BV).at[jnp.arange(logits_BV.shape[0])[:, None], order_BV].set(keep_sorted_BV)
+        logits_BV = jnp.where(keep_BV, logits_BV, neg)
+    return logits_BV
+
+
+def sample_logits(logits_BV: Float[Array, "B V"], rng: jax.Array, *, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0) -> tuple[Int[Array, "B"], Float[Array, "B"]]:
+    """Draw one token per row. Returns (tokens_B int32, logprobs_B float32).
+
+    temperature 0 is greedy (argmax; ties go to the lowest id). Log-probs are of the temperature-
+    scaled full distribution (T = 1 when greedy), see the module docstring.
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature == 0.0:
+        tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        scaled_BV = logits_BV
+    else:
+        scaled_BV = logits_BV / temperature
+        filtered_BV = filter_logits(scaled_BV, top_k=top_k, top_p=top_p)
+        tokens_B = jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+    logprobs_B = token_logprobs(scaled_BV, tokens_B)
+    return tokens_B, logprobs_B
+
+
+def token_logprobs(logits_BV: Float[Array, "B V"], tokens_B: Int[Array, "B"]) -> Float[Array, "B"]:
+    """log softmax(logits)[token] per row, in float32."""
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def budget_thresholds(p_grid, num_prompts: int, group_size: int, *, budget: str = "multi",
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+    """Per-row thresholds p_B [num_prompts * G] for contiguous groups (row r is prompt r // G).
+
+    "multi" (the paper's multi-budget rollouts): rollout n of every group uses p_grid[n], so
+    len(p_grid) must equal G. "single" (paper v1): one p per group, drawn uniformly from p_grid
+    with `rng` (required).
+    """
+    grid = np.asarray(p_grid, np.float32).reshape(-1)
+    if grid.size == 0 or np.any(grid <= 0) or np.any(grid > 1):
+        raise RolloutError(f"p_grid must be non-empty with values in (0, 1], got {grid.tolist()}")
+    if num_prompts < 1 or group_size < 1:
+        raise RolloutError(f"num_prompts and group_size must be >= 1, got {num_prompts}, {group_size}")
+    if budget == "multi":
+        if grid.size != group_size:
+            raise RolloutError(f"multi-budget rollouts need one threshold per rollout: {grid.size} values "
+                               f"for group size {group_size}")
+        return np.tile(grid, num_prompts)
+    if budget == "single":
+        if rng is None:
+            raise RolloutError("single-budget thresholds are drawn at random: pass rng")
+        return np.repeat(grid[rng.integers(0, grid.size, num_prompts)], group_size)
+    raise RolloutError(f"budget must be 'multi' or 'single', got {budget!r}")
+
+
+# ---------------------------------------------------------------------- prefill + decode loop
+def _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, capacity, vision):
+    n_layers = model.config.text.num_hidden_layers
+    B = input_ids_BL.shape[0]
+    if p_B is None:
+        logits_BV, cache, _ = model.prefill(input_ids_BL, capacity=capacity, attention_mask_BL=mask_BL,
+                                            position_ids_3BL=pos_3BL, rope_deltas_B=deltas_B, **vision)
+        return logits_BV, cache, jnp.ones((B, n_layers), jnp.float32)
+    hook = getattr(model, SPARSE_PREFILL_METHOD, None)
+    if hook is None:
+        raise NotImplementedError(
+            f"per-row sparsity p_B was given but {type(model).__name__} has no `{SPARSE_PREFILL_METHOD}` method "
+            "(the sparse prefill hook described in zipr1_jax/rl/rollout.py); pass p_B=None for dense rollouts")
+    logits_BV, cache, layer_ratio_BY = hook(input_ids_BL, capacity=capacity, attention_mask_BL=mask_BL,
+                                            position_ids_3BL=pos_3BL, rope_deltas_B=deltas_B, p_B=p_B, rng=rng,
+                                            **vision)
+    return logits_BV, cache, layer_ratio_BY.astype(jnp.float32)
+
+
+def _generate_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, pixel_values,
+                   pixel_values_videos, *, image_grid, video_grid, config: SamplingConfig):
+    model = nnx.merge(graphdef, state)
+    B, L = input_ids_BL.shape
+    T = config.max_new_tokens
+    vision = dict(pixel_values=pixel_values, image_grid_thw=None if image_grid is None else np.asarray(image_grid),
+                  pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=None if video_grid is None else np.asarray(video_grid))
+    rng_select, rng_sample = jax.random.split(rng)
+    logits_BV, cache, layer_ratio_BY = _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng_select,
+                                                L + T, vision)
+    eos_E = jnp.asarray(config.eos_ids, jnp.int32)
+    # Position of generated token i: (valid prompt length + i) + rope delta. Tracked here, not read
+    # from the cache, because a sparse cache holds fewer entries than the tokens it has seen.
+    n_valid_B = jnp.sum(mask_BL > 0, axis=1).astype(jnp.int32)
+    sample = lambda logits, key: sample_logits(logits, key, temperature=config.temperature,  # noqa: E731
+                                               top_p=config.top_p, top_k=config.top_k)
+
+    tok0_B, lp0_B = sample(logits_BV, jax.random.fold_in(rng_sample, 0))
+    tokens_BT = jnp.full((B, T), config.pad_id, jnp.int32).at[:, 0].set(tok0_B)
+    logprobs_BT = jnp.zeros((B, T), jnp.float32).at[:, 0].set(lp0_B)
+    mask_BT = jnp.zeros((B, T), bool).at[:, 0].set(True)
+    done_B = jnp.isin(tok0_B, eos_E)
+
+    def cond(carry):
+        i, _, _, _, _, done_B, _ = carry
+        return (i < T) & ~jnp.all(done_B)
+
+    def body(carry):
+        # Feed token i-1, sample token i.
+        i, cache, last_B, tokens_BT, logprobs_BT, done_B, mask_BT = carry
+        pos_B1 = (n_valid_B + i - 1 + deltas_B)[:, None]
+        pos_3B1 = jnp.broadcast_to(pos_B1[None], (3, B, 1))
+        logits_B1V, cache = model.decode_step(last_B[:, None], cache, position_ids_3BT=pos_3B1)
+        tok_B, lp_B = sample(logits_B1V[:, 0], jax.random.fold_in(rng_sample, i))
+        live_B = ~done_B
+        tok_B = jnp.where(live_B, tok_B, config.pad_id)
+        tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, tok_B[:, None], (0, i))
+        logprobs_BT = jax.lax.dynamic_update_slice(logprobs_BT, jnp.where(live_B, lp_B, 0.0)[:, None], (0, i))
+        mask_BT = jax.lax.dynamic_update_slice(mask_BT, live_B[:, None], (0, i))
+        done_B = done_B | (live_B & jnp.isin(tok_B, eos_E))
+        return i + 1, cache, tok_B, tokens_BT, logprobs_BT, done_B, mask_BT
+
+    carry = (jnp.asarray(1, jnp.int32), cache, tok0_B, tokens_BT, logprobs_BT, done_B, mask_BT)
+    _, _, _, tokens_BT, logprobs_BT, done_B, mask_BT = jax.lax.while_loop(cond, body, carry)
+    return RolloutOutput(tokens_BT=tokens_BT, logprobs_BT=logprobs_BT, mask_BT=mask_BT,
+                         lengths_B=jnp.sum(mask_BT, axis=1).astype(jnp.int32), finished_B=done_B,
+                         token_ratio_B=jnp.mean(layer_ratio_BY, axis=1), layer_ratio_BY=layer_ratio_BY,
+                         p_B=jnp.ones((B,), jnp.float32) if p_B is None else p_B.astype(jnp.float32))
+
+
+_generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "image_grid", "video_grid", "config"))
+
+
+def _static_grid(grid) -> tuple[tuple[int, ...], ...] | None:
+    if grid is None:
+        return None
+    g = np.asarray(grid)
+    if g.ndim != 2 or g.shape[1] != 3:
+        raise RolloutError(f"grid_thw must be [num_images, 3], got shape {g.shape}")
+    return tuple(tuple(int(x) for x in row) for row in g.tolist())
+
+
+def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: SamplingConfig,
+             p_B=None, position_ids_3BL=None, rope_deltas_B=None, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> RolloutOutput:
+    """Sample up to `config.max_new_tokens` tokens per row of a left-padded prompt batch.
+
+    Args:
+      model: a `QwenVLForConditionalGeneration` (anything with `prefill`, `decode_step`, `position_ids`).
+      input_ids_BL, attention_mask_BL: left-padded prompts ([B, L] ints, mask 1 on real tokens).
+      rng: PRNG key; the same key gives the same rollouts.
+      p_B: optional [B] float top-p sparsity thresholds (rollout n of a group uses p_grid[n]);
+        None runs dense attention (token ratio 1).
+      position_ids_3BL, rope_deltas_B: precomputed M-RoPE ids (e.g. from the data pipeline);
+        computed on the host from the prompt and grids when omitted.
+      pixel_values / image_grid_thw / ...: vision inputs; grids are host arrays (static shapes).
+    Returns:
+      RolloutOutput with [B, max_new_tokens] tokens / log-probs / mask and per-row ratios.
+    """
+    ids = np.asarray(input_ids_BL) if not isinstance(input_ids_BL, jax.Array) else input_ids_BL
+    if ids.ndim != 2:
+        raise RolloutError(f"input_ids must be [B, L], got shape {ids.shape}")
+    mask = jnp.asarray(attention_mask_BL).astype(jnp.int32)
+    if mask.shape != ids.shape:
+        raise RolloutError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    if not isinstance(mask, jax.core.Tracer):
+        m = np.asarray(mask)
+        if not np.all(m[:, -1] > 0):
+            raise RolloutError("prompts must be LEFT padded: the last column of attention_mask must be 1 in every row")
+        if np.any(np.diff(m, axis=1) < 0):
+            raise RolloutError("attention_mask has padding after a real token (prompts must be left padded)")
+    if position_ids_3BL is None:
+        position_ids_3BL, rope_deltas_B = model.position_ids(ids, mask, image_grid_thw, video_grid_thw,
+                                                             second_per_grid_ts)
+    elif rope_deltas_B is None:
+        raise RolloutError("pass rope_deltas_B together with position_ids_3BL")
+    if p_B is not None:
+        p_B = jnp.asarray(p_B, jnp.float32)
+        if p_B.shape != (ids.shape[0],):
+            raise RolloutError(f"p_B must have shape ({ids.shape[0]},), got {p_B.shape}")
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, jnp.asarray(ids, jnp.int32), mask, jnp.asarray(position_ids_3BL, jnp.int32),
+                         jnp.asarray(rope_deltas_B, jnp.int32), p_B, rng,
+                         None if pixel_values is None else jnp.asarray(pixel_values),
+                         None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
+                         image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw),
+                         config=config)
