@@ -51,7 +51,7 @@ KEPT = 0.25
 SECTION = "## Roofline estimates (deviceless compiles)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_TARGET = os.environ.get("ZIPR1_H100_TARGET",
-                             os.path.join(ROOT, "..", "shared", "targets", "h100_sxm.txtpb"))
+                             os.path.join(ROOT, "tests", "aot", "targets", "h100_sxm.txtpb"))
 
 
 def _env(deps: str | None):

@@ -277,7 +277,7 @@ class RLSection:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     grad_accum: int = 1  # micro-batches per optimiser step
 
     def __post_init__(self):

@@ -1,0 +1,5 @@
+"""Checkpoints: Orbax save / restore of training state into any mesh's shardings."""
+
+from zipr1_jax.checkpoint.orbax import CheckpointError, Checkpointer, restore_params, save_params, to_canonical
+
+__all__ = ["CheckpointError", "Checkpointer", "restore_params", "save_params", "to_canonical"]

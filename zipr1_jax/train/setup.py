@@ -1,0 +1,267 @@
+"""Everything a run needs, built once from the config: mesh placement, tokenizer, model, data
+iterators, optimizers, checkpointer and logger (`Job`), plus resume / save / eval helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zipr1_jax.train.config import TrainConfig, TrainConfigError
+
+
+def _tokenizer(cfg: TrainConfig, out_dir: str):
+    from zipr1_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    path = cfg.tokenizer_dir()
+    if path == "builtin":
+        path = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
+    return load_tokenizer(path)
+
+
+def _source(cfg: TrainConfig, *, eval_split: bool):
+    from zipr1_jax.data import sources
+
+    d = cfg.data
+    if d.source == "builtin":
+        kw = dict(seed=d.seed + (1_000_003 if eval_split else 0), difficulty=d.difficulty, image_size=d.image_size)
+        if d.tasks is not None:
+            kw["tasks"] = d.tasks
+        n = cfg.eval.num_examples if eval_split else d.num_examples
+        return sources.BuiltinSource(n, **kw)
+    if d.source == "jsonl":
+        src = sources.JsonlSource(d.path)
+    elif d.source == "hf_disk":
+        src = sources.HFDiskSource(d.path)
+    else:
+        src = sources.TfdsSource(d.path)
+    if eval_split:  # first eval.num_examples records (scripts/evaluate.py takes held-out sets)
+        rows = [src[i] for i in range(min(cfg.eval.num_examples, len(src)))]
+        return sources.RecordListSource(rows, name=f"{d.source}:eval")
+    return src
+
+
+class Job:
+    def __init__(self, cfg: TrainConfig, devices=None):
+        from zipr1_jax.checkpoint import Checkpointer
+        from zipr1_jax.data.chat import SpecialIds
+        from zipr1_jax.data.pipelines import PipelineConfig, eval_loader, rl_prompt_loader, sft_loader
+        from zipr1_jax.rl.rollout import SamplingConfig
+        from zipr1_jax.sharding.mesh import make_mesh
+        from zipr1_jax.sharding.rules import DEFAULT_RULES, state_shardings
+        from zipr1_jax.train.learner import LearnerConfig
+        from zipr1_jax.train.metrics import MetricsLogger
+        from zipr1_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
+        from zipr1_jax.train.parallel import Placement
+        from zipr1_jax.train.state import build_model, sparsity_config, split_params
+
+        self.cfg = cfg
+        self.out_dir = cfg.log.out_dir
+        os.makedirs(self.out_dir, exist_ok=True)
+        if jax.process_index() == 0:
+            from zipr1_jax.train.cli import to_yaml
+
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        devices = list(jax.devices() if devices is None else devices)
+        self.mesh = make_mesh(**cfg.mesh.resolve(len(devices)), devices=devices)
+        self.placement = Placement(self.mesh, DEFAULT_RULES)
+        self.tokenizer = _tokenizer(cfg, self.out_dir)
+        self.special = SpecialIds.from_tokenizer(self.tokenizer)
+        model = build_model(cfg.model)
+        self.model_config = model.config
+        mc = model.config
+        if (mc.image_token_id, mc.video_token_id) != (self.special.image_pad, self.special.video_pad):
+            raise TrainConfigError(f"data.tokenizer: its image/video pad ids ({self.special.image_pad}, "
+                                   f"{self.special.video_pad}) differ from the model's ({mc.image_token_id}, "
+                                   f"{mc.video_token_id}): tokenizer and model do not belong together")
+        self.graphdef, params = split_params(model)
+        del model
+        self.param_shardings = state_shardings(params, self.mesh)
+        self.params0 = jax.device_put(params, self.param_shardings)
+        # Data: one process reads its shard of the examples (multi-host).
+        d = cfg.data
+        common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size,
+                      shard_index=jax.process_index(), shard_count=jax.process_count())
+        train_src = _source(cfg, eval_split=False)
+        self.sft_loader = sft_loader(train_src, self.tokenizer, PipelineConfig(batch_size=cfg.sft.batch_size, **common),
+                                     model_config=mc) if cfg.sft.steps > 0 else None
+        self.rl_loader = rl_prompt_loader(train_src, self.tokenizer,
+                                          PipelineConfig(batch_size=d.batch_size, group_size=d.group_size, **common),
+                                          model_config=mc) if cfg.rl.steps > 0 else None
+        eval_common = dict(common, seed=d.seed, shard_index=0, shard_count=1)
+        self.eval_loader = eval_loader(_source(cfg, eval_split=True), self.tokenizer,
+                                       PipelineConfig(batch_size=cfg.eval.batch_size, **eval_common), model_config=mc)
+        self.sft_iter = iter(self.sft_loader) if self.sft_loader is not None else None
+        self.rl_iter = iter(self.rl_loader) if self.rl_loader is not None else None
+        # Optimizers.
+        s, r = cfg.sft, cfg.rl
+        fv = cfg.model.freeze_vision
+        self.sft_opt = OptimConfig(lr=s.lr, total_steps=max(s.steps, 1), warmup_steps=s.warmup_steps,
+                                   weight_decay=s.weight_decay, grad_clip=s.grad_clip, freeze_vision=fv)
+        self.rl_opt = OptimConfig(lr=r.lr, total_steps=max(r.steps, 1), warmup_steps=r.warmup_steps,
+                                  schedule=r.schedule, min_lr_ratio=r.min_lr_ratio, weight_decay=r.weight_decay,
+                                  grad_clip=r.grad_clip, freeze_vision=fv)
+        self.sft_tx = make_optimizer(self.sft_opt, params)
+        self.rl_tx = make_optimizer(self.rl_opt, params)
+        self.sft_schedule = learning_rate_schedule(self.sft_opt)
+        self.rl_schedule = learning_rate_schedule(self.rl_opt)
+        self.eos_ids = (self.special.im_end, int(self.tokenizer.convert_tokens_to_ids("<|endoftext|>")))
+        sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.special.pad,
+                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        self.sparsity = sparsity_config(cfg.sparsity)
+        self.learner_config = LearnerConfig(
+            group_size=d.group_size, sampling=sampling, sparsity=self.sparsity, p_grid=cfg.sparsity.p_grid,
+            budget=cfg.sparsity.budget, beta=r.beta_kl, eps_low=r.eps_clip_low, eps_high=r.eps_clip_high, mu=r.mu,
+            advantage=r.advantage, adv_eps=r.adv_eps, aggregation=r.aggregation, lambda_eff=r.lambda_eff,
+            gate=r.gate, grad_accum=r.grad_accum)
+        self.ckpt = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                                 save_every=cfg.checkpoint.save_every, async_save=cfg.checkpoint.async_save)
+        self.logger = MetricsLogger(self.out_dir, total_steps=cfg.sft.steps, phase="sft",
+                                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+        self.ref_params = None
+        self._sh_cache = {}
+
+    # ------------------------------------------------------------------ state
+    def state_shardings(self, tx):
+        from zipr1_jax.sharding.rules import opt_state_shardings
+        from zipr1_jax.train.state import TrainState
+
+        key = id(tx)
+        if key not in self._sh_cache:
+            abstract_opt = jax.eval_shape(tx.init, self.params0)
+            self._sh_cache[key] = TrainState(step=self.placement.replicated, params=self.param_shardings,
+                                             opt_state=opt_state_shardings(abstract_opt, self.param_shardings))
+        return self._sh_cache[key]
+
+    def init_state(self, params, tx):
+        from zipr1_jax.train.state import TrainState
+
+        sh = self.state_shardings(tx)
+        opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
+        return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step), params=params, opt_state=opt_state)
+
+    def _abstract(self, tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    def restore_or_init(self):
+        """(state, global step, phase) from the latest checkpoint, or a fresh start."""
+        from zipr1_jax.train.state import TrainState
+
+        cfg = self.cfg
+        latest = self.ckpt.latest_step() if cfg.checkpoint.resume else None
+        if latest is None:
+            if cfg.sft.steps > 0:
+                return self.init_state(self.params0, self.sft_tx), 0, "sft"
+            return self.init_state(self.params0, self.rl_tx), 0, "init"
+        meta = self.ckpt.restore_meta(latest)
+        saved = meta.get("fingerprint")
+        if saved is not None and saved != _fingerprint(cfg):
+            raise TrainConfigError(f"checkpoint.dir {self.ckpt.directory!r} holds step {latest} of a run with a "
+                                   f"different model / sparsity setup ({saved} vs {_fingerprint(cfg)}): use another "
+                                   "checkpoint.dir or checkpoint.resume=false")
+        phase = meta["phase"]
+        tx = self.sft_tx if phase == "sft" else self.rl_tx
+        sh = self.state_shardings(tx)
+        abstract_opt = jax.eval_shape(tx.init, self.params0)
+        got = self.ckpt.restore(latest, params_target=self._abstract(self.params0, self.param_shardings),
+                                opt_state_target=self._abstract(abstract_opt, sh.opt_state))
+        state = TrainState(step=jax.device_put(jnp.asarray(meta["phase_step"], jnp.int32), sh.step),
+                           params=got["params"], opt_state=got["opt_state"])
+        ds = got.get("data_state") or {}
+        if ds.get("sft") is not None and self.sft_iter is not None:
+            self.sft_iter.set_state(ds["sft"])
+        if ds.get("rl") is not None and self.rl_iter is not None:
+            self.rl_iter.set_state(ds["rl"])
+        if phase == "rl":
+            self.ref_params = self._load_reference()
+        if phase == "sft" and latest >= cfg.sft.steps:
+            phase = "sft_done"
+        return state, int(latest), phase
+
+    def _reference_dir(self) -> str:
+        return os.path.join(self.ckpt.directory, "reference")
+
+    def _load_reference(self):
+        from zipr1_jax.checkpoint import restore_params
+
+        if self.cfg.rl.beta_kl == 0:
+            return None
+        return restore_params(self._reference_dir(), self._abstract(self.params0, self.param_shardings))
+
+    def start_rl(self, state):
+        """The policy at the start of RL becomes the frozen DENSE reference; fresh RL optimizer."""
+        from zipr1_jax.checkpoint import save_params
+
+        if self.cfg.rl.beta_kl > 0:
+            self.ref_params = jax.tree.map(lambda x: x.copy(), state.params)
+            ref_dir = self._reference_dir()
+            if not os.path.exists(ref_dir):
+                save_params(ref_dir, self.ref_params)
+        return self.init_state(state.params, self.rl_tx)
+
+    def maybe_save(self, g: int, state, phase: str, *, force: bool = False) -> bool:
+        phase_step = g if phase == "sft" else g - self.cfg.sft.steps
+        data_state = {"sft": None if self.sft_iter is None else self.sft_iter.get_state(),
+                      "rl": None if self.rl_iter is None else self.rl_iter.get_state()}
+        meta = {"phase": phase, "phase_step": int(phase_step), "global_step": int(g),
+                "fingerprint": _fingerprint(self.cfg), "config": self.cfg.to_dict()}
+        return self.ckpt.save(g, params=state.params, opt_state=state.opt_state, meta=meta, data_state=data_state,
+                              force=force)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, params) -> dict:
+        from flax import nnx
+
+        from zipr1_jax.eval.greedy import evaluate_greedy
+
+        model = nnx.merge(self.graphdef, params)
+        results = {}
+        for p in self.cfg.eval.p_list:
+            if p < 1.0 and not self.sparsity.enabled:
+                continue
+            res = evaluate_greedy(model, iter(self.eval_loader), self.tokenizer, p=p,
+                                  max_new_tokens=self.cfg.rl.max_new_tokens, eos_ids=self.eos_ids,
+                                  pad_id=self.special.pad, seed=self.cfg.seed, context=self.placement.context)
+            results.update(res.metrics())
+        return results
+
+    def eval_and_log(self, params, g: int, tag: str) -> dict:
+        metrics = self.evaluate(params)
+        self.logger.log(g, metrics, phase="eval")
+        self.logger.write(f"eval ({tag}, step {g}): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    # ------------------------------------------------------------------ end
+    def finish(self, state, g: int, *, stopped: bool, final_eval: bool = False) -> dict:
+        from zipr1_jax.train.plots import plot_metrics
+        from zipr1_jax.train.trainer import summary_line, write_summary
+
+        self.ckpt.wait()
+        summary = {"global_step": int(g), "stopped_early": stopped, "out_dir": self.out_dir,
+                   "checkpoint_dir": str(self.ckpt.directory), "latest_checkpoint": self.ckpt.latest_step()}
+        if final_eval:
+            summary["final_eval"] = self.eval_and_log(state.params, g, "final")
+            self.logger.write(summary_line(summary))
+        if jax.process_index() == 0:
+            if self.cfg.log.plots and os.path.isfile(self.logger.jsonl_path):
+                summary["plots"] = plot_metrics(self.logger.jsonl_path, os.path.join(self.out_dir, "plots"))
+            write_summary(os.path.join(self.out_dir, "summary.json"), summary)
+        return summary
+
+    def close(self):
+        self.ckpt.close()
+        self.logger.close()
+
+
+def _fingerprint(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    return {"model": d["model"], "sparsity_mode": d["sparsity"]["mode"]}
+
+
+def setup(cfg: TrainConfig, devices=None) -> Job:
+    return Job(cfg, devices)

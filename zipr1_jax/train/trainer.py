@@ -1,0 +1,124 @@
+"""`run(cfg)`: the whole ZipR1 job. SFT warm-up, then multi-budget GRPO with sparse rollouts,
+evaluation (dense and top-p) before and after RL, Orbax checkpoints with automatic resume,
+JSONL + TensorBoard metrics, plots, and a summary.
+
+Steps are numbered globally: [0, sft.steps) are SFT steps, then rl.steps GRPO steps. A checkpoint
+at global step g holds the params and optimizer state after g steps, the data iterators' positions
+and the phase; restarting the same command continues from the latest one (same batches, same
+random keys: step g always uses fold_in(seed, g)). The frozen reference model of the KL term (the
+policy at the start of RL) is written once to `<checkpoint dir>/reference`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from zipr1_jax.train.config import TrainConfig, TrainConfigError
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss or gradient became non-finite; the last good checkpoint is kept."""
+
+
+def run(cfg: TrainConfig, *, stop_after_step: int | None = None, devices=None) -> dict:
+    """Run (or resume) the job of `cfg`; returns the summary dict (also written to summary.json).
+
+    stop_after_step: stop once this global step is done (as if killed right after a checkpoint);
+    for tests and for splitting a job into chunks.
+    devices: the devices of the mesh (default: all); e.g. one device in a test session with 8.
+    """
+    from zipr1_jax.train.setup import setup
+
+    cfg.check_runnable()
+    job = setup(cfg, devices=devices)
+    try:
+        return _run(cfg, job, stop_after_step)
+    finally:
+        job.close()
+
+
+def _finite(metrics: dict, phase: str, step: int, job) -> None:
+    bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        latest = job.ckpt.latest_step()
+        raise TrainingDivergedError(
+            f"{phase} step {step}: non-finite {', '.join(bad)} ({ {k: metrics[k] for k in bad} }); training "
+            f"stopped without saving. Latest good checkpoint: "
+            f"{'none' if latest is None else f'step {latest} in {job.ckpt.directory}'}. Lower the learning "
+            "rate or enable gradient clipping.")
+
+
+def _run(cfg: TrainConfig, job, stop_after_step):
+    from zipr1_jax.train.learner import GRPOLearner
+    from zipr1_jax.train.sft import sft_step
+
+    n_sft, n_rl = cfg.sft.steps, cfg.rl.steps
+    total = n_sft + n_rl
+    state, g, phase = job.restore_or_init()
+    log = job.logger
+    if g > 0:
+        log.write(f"resumed from checkpoint step {g} ({phase}) in {job.ckpt.directory}")
+    t_start = time.perf_counter()
+
+    def done(step):
+        return stop_after_step is not None and step >= stop_after_step
+
+    # ---------------------------------------------------------------- SFT
+    if g < n_sft:
+        log.start_phase("sft", n_sft, first_step=g)
+        while g < n_sft:
+            state, m = sft_step(state, next(job.sft_iter), tx=job.sft_tx, graphdef=job.graphdef,
+                                placement=job.placement, state_shardings=job.state_shardings(job.sft_tx))
+            g += 1
+            _finite(m, "sft", g, job)
+            m["lr"] = float(job.sft_schedule(g - 1))
+            if g % cfg.log.log_every == 0 or g == n_sft:
+                log.log(g, m, phase="sft")
+            job.maybe_save(g, state, "sft", force=(g == n_sft))
+            if done(g):
+                return job.finish(state, g, stopped=True)
+    # ---------------------------------------------------------------- RL
+    if n_rl > 0:
+        if phase != "rl":
+            job.eval_and_log(state.params, g, "before_rl")
+            state = job.start_rl(state)
+        learner = GRPOLearner(job.learner_config, job.graphdef, job.rl_tx, job.tokenizer, job.placement,
+                              state_shardings=job.state_shardings(job.rl_tx))
+        log.start_phase("rl", total, first_step=g)
+        key = jax.random.key(cfg.seed)
+        while g < total:
+            batch = next(job.rl_iter)
+            state, m, _ = learner.step(state, job.ref_params, batch, jax.random.fold_in(key, g), step=g)
+            g += 1
+            _finite(m, "rl", g, job)
+            m["lr"] = float(job.rl_schedule(g - n_sft - 1))
+            if g % cfg.log.log_every == 0 or g == total:
+                log.log(g, m, phase="rl")
+            if cfg.eval.every and (g - n_sft) % cfg.eval.every == 0 and g < total:
+                job.eval_and_log(state.params, g, "rl")
+            job.maybe_save(g, state, "rl", force=(g == total))
+            if done(g):
+                return job.finish(state, g, stopped=True)
+    summary = job.finish(state, g, stopped=False, final_eval=True)
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    ev = summary.get("final_eval", {})
+    parts = [f"{k} {v:.3f}" for k, v in ev.items()]
+    return "final eval: " + (", ".join(parts) if parts else "none")
+
+
+def write_summary(path: str, summary: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+
+
+__all__ = ["TrainConfigError", "TrainingDivergedError", "run", "summary_line"]
