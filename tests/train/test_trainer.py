@@ -58,6 +58,9 @@ def test_end_to_end_outputs(full_run):
         for key in ("loss", "reward", "accuracy", "token_ratio", "kl", "clip_frac", "grad_norm", "lr"):
             assert r[key] is not None and math.isfinite(r[key]), key
         assert 0.0 < r["token_ratio"] < 1.0  # sparse rollouts at p in {0.9, 0.95}
+        # The learner recomputes the rollout's log-probs with the same kept sets (same p, same
+        # selection key, select_end = prompt length): sampler and trainer agree.
+        assert r["logp_mismatch"] < 1e-4, r["logp_mismatch"]
     assert os.path.isfile(out / "plots" / "summary.png")
     assert json.load(open(out / "summary.json"))["global_step"] == 5
     assert os.path.isdir(out / "checkpoints" / "reference")
@@ -103,3 +106,36 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
             for key in ("loss", "grad_norm"):
                 np.testing.assert_allclose(b[step][key], a[step][key], rtol=2e-4, atol=1e-5,
                                            err_msg=f"{phase} step {step} {key}")
+
+
+def test_kill_and_resume_subprocess(full_run, tmp_path):
+    """SIGKILL a real `scripts/train.py` process right after checkpoint 4 lands, rerun the same
+    command: the loss of the remaining step equals the uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, _ = full_run
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, os.path.join(root, "scripts", "train.py")] + TINY + [f"log.out_dir={tmp_path}"]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device, like full_run
+    ckpt = tmp_path / "checkpoints"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 600
+        while not (ckpt / "4").is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "summary.json").exists()  # it really died before the end
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from checkpoint step" in done.stderr
+    a, b = _records(out, "rl"), _records(tmp_path, "rl")
+    np.testing.assert_allclose(b[5]["loss"], a[5]["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b[5]["reward"], a[5]["reward"], rtol=1e-5, atol=1e-6)

@@ -33,13 +33,14 @@ class EvalResult:
 
 
 def evaluate_greedy(model: nnx.Module, batches: Iterable[dict], tokenizer, *, p: float, max_new_tokens: int,
-                    eos_ids: tuple[int, ...], pad_id: int, seed: int = 0, context=None) -> EvalResult:
+                    eos_ids: tuple[int, ...], pad_id: int, seed: int = 0, context=None, sparsity=None) -> EvalResult:
     """Greedy-decode every valid row of `batches` (an eval loader) and verify its answer.
 
     Args:
       model: the policy (an nnx module with prefill / decode_step and, for p < 1, sparse_prefill).
       p: top-p threshold; 1.0 = dense.
       context: optional context manager factory (e.g. `Placement.context`) active while decoding.
+      sparsity: SparsityConfig of the sparse prefill (None: the model's default).
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"evaluate_greedy: p must be in (0, 1], got {p!r}")
@@ -53,7 +54,7 @@ def evaluate_greedy(model: nnx.Module, batches: Iterable[dict], tokenizer, *, p:
         kwargs = dict(config=config, p_B=p_B, position_ids_3BL=batch.get("position_ids"),
                       rope_deltas_B=batch.get("rope_deltas"), pixel_values=vision.get("pixel_values"),
                       image_grid_thw=grids["image_grid"], pixel_values_videos=vision.get("pixel_values_videos"),
-                      video_grid_thw=grids["video_grid"])
+                      video_grid_thw=grids["video_grid"], sparsity=sparsity)
         key = jax.random.fold_in(rng, i)
         if context is not None:
             with context():

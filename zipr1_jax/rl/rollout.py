@@ -165,7 +165,7 @@ def budget_thresholds(p_grid, num_prompts: int, group_size: int, *, budget: str 
 
 
 # ---------------------------------------------------------------------- prefill + decode loop
-def _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, capacity, vision):
+def _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, capacity, vision, sparsity=None):
     n_layers = model.config.text.num_hidden_layers
     B = input_ids_BL.shape[0]
     if p_B is None:
@@ -177,14 +177,15 @@ def _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, capacity
         raise NotImplementedError(
             f"per-row sparsity p_B was given but {type(model).__name__} has no `{SPARSE_PREFILL_METHOD}` method "
             "(the sparse prefill hook described in zipr1_jax/rl/rollout.py); pass p_B=None for dense rollouts")
+    extra = {} if sparsity is None else {"sparsity": sparsity}
     logits_BV, cache, layer_ratio_BY = hook(input_ids_BL, capacity=capacity, attention_mask_BL=mask_BL,
                                             position_ids_3BL=pos_3BL, rope_deltas_B=deltas_B, p_B=p_B, rng=rng,
-                                            **vision)
+                                            **vision, **extra)
     return logits_BV, cache, layer_ratio_BY.astype(jnp.float32)
 
 
 def _generate_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, pixel_values,
-                   pixel_values_videos, *, image_grid, video_grid, config: SamplingConfig):
+                   pixel_values_videos, *, image_grid, video_grid, config: SamplingConfig, sparsity=None):
     model = nnx.merge(graphdef, state)
     B, L = input_ids_BL.shape
     T = config.max_new_tokens
@@ -193,7 +194,7 @@ def _generate_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_
                   video_grid_thw=None if video_grid is None else np.asarray(video_grid))
     rng_select, rng_sample = jax.random.split(rng)
     logits_BV, cache, layer_ratio_BY = _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng_select,
-                                                L + T, vision)
+                                                L + T, vision, sparsity)
     eos_E = jnp.asarray(config.eos_ids, jnp.int32)
     # Position of generated token i: (valid prompt length + i) + rope delta. Tracked here, not read
     # from the cache, because a sparse cache holds fewer entries than the tokens it has seen.
@@ -234,7 +235,7 @@ def _generate_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_
                          p_B=jnp.ones((B,), jnp.float32) if p_B is None else p_B.astype(jnp.float32))
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "image_grid", "video_grid", "config"))
+_generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "image_grid", "video_grid", "config", "sparsity"))
 
 
 def _static_grid(grid) -> tuple[tuple[int, ...], ...] | None:
@@ -248,7 +249,7 @@ def _static_grid(grid) -> tuple[tuple[int, ...], ...] | None:
 
 def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: SamplingConfig,
              p_B=None, position_ids_3BL=None, rope_deltas_B=None, pixel_values=None, image_grid_thw=None,
-             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> RolloutOutput:
+             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, sparsity=None) -> RolloutOutput:
     """Sample up to `config.max_new_tokens` tokens per row of a left-padded prompt batch.
 
     Args:
@@ -260,6 +261,8 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
       position_ids_3BL, rope_deltas_B: precomputed M-RoPE ids (e.g. from the data pipeline);
         computed on the host from the prompt and grids when omitted.
       pixel_values / image_grid_thw / ...: vision inputs; grids are host arrays (static shapes).
+      sparsity: the SparsityConfig of the sparse prefill (static; None: the model's own default).
+        Pass the learner's config so rollout and learner select keys the same way.
     Returns:
       RolloutOutput with [B, max_new_tokens] tokens / log-probs / mask and per-row ratios.
     """
@@ -290,4 +293,4 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
                          None if pixel_values is None else jnp.asarray(pixel_values),
                          None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
                          image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw),
-                         config=config)
+                         config=config, sparsity=sparsity)

@@ -158,7 +158,8 @@ class GRPOLearner:
             return generate(model, batch["input_ids"], batch["attention_mask"], rng, config=self.cfg.sampling,
                             p_B=p_R, position_ids_3BL=batch.get("position_ids"), rope_deltas_B=batch.get("rope_deltas"),
                             pixel_values=vision.get("pixel_values"), image_grid_thw=grids["image_grid"],
-                            pixel_values_videos=vision.get("pixel_values_videos"), video_grid_thw=grids["video_grid"])
+                            pixel_values_videos=vision.get("pixel_values_videos"), video_grid_thw=grids["video_grid"],
+                            sparsity=self.cfg.sparsity if self.cfg.sparse else None)
 
     # 2 + 3. rewards and advantages (host)
     def decode(self, tokens_RT: np.ndarray, mask_RT: np.ndarray) -> list[str]:
@@ -194,9 +195,8 @@ class GRPOLearner:
         c, pl = self.cfg, self.placement
         R = batch["input_ids"].shape[0]
         p_np = self.thresholds(R // c.group_size, step)
-        rollout_rng, = jax.random.split(rng, 1)
-        out = self.rollout(state.params, batch, rollout_rng, p_np)
-        sel_rng = jax.random.split(rollout_rng)[0]  # the selection key generate() used in its prefill
+        out = self.rollout(state.params, batch, rng, p_np)
+        sel_rng = jax.random.split(rng)[0]  # the selection key generate() used in its prefill
         tokens, mask = np.asarray(out.tokens_BT), np.asarray(out.mask_BT)
         responses = self.decode(tokens, mask)
         ratio_R = np.asarray(out.token_ratio_B)

@@ -60,12 +60,23 @@ def trainable_labels(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if _is_vision(p) else "train", params)
 
 
+_CACHE: dict = {}
+
+
 def make_optimizer(cfg: OptimConfig, params=None) -> optax.GradientTransformation:
     """AdamW (+ clipping); with freeze_vision, `visual.*` leaves get zero updates and no moments.
 
     `params` (a tree of the same structure as the params to be optimized) is required with
-    freeze_vision, to label the leaves.
+    freeze_vision, to label the leaves. Equal configs return the SAME transformation object, so
+    jitted steps that take it as a static argument are not recompiled by a second run (resume).
     """
+    key = (cfg, None if params is None else jax.tree.structure(params))
+    if key not in _CACHE:
+        _CACHE[key] = _make_optimizer(cfg, params)
+    return _CACHE[key]
+
+
+def _make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
     chain = []
     if cfg.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))

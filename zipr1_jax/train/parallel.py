@@ -28,10 +28,12 @@ def _freeze(x):
 
 
 class Placement:
+    # Shared by all placements of the process: a second run (resume, tests) reuses compiled steps.
+    _cache: dict[Any, Callable] = {}
+
     def __init__(self, mesh: Mesh, rules):
         self.mesh = mesh
         self.rules = tuple(rules)
-        self._cache: dict[Any, Callable] = {}
 
     @property
     def replicated(self) -> NamedSharding:
@@ -53,7 +55,7 @@ class Placement:
         """Call `fn(*args, **static)` compiled with the shardings of `args` (cached per key)."""
         static = dict(static or {})
         in_sh = jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) else None, args)
-        key = (fn, _freeze(static), jax.tree.structure(args), tuple(jax.tree.leaves(in_sh)),
+        key = (self.mesh, self.rules, fn, _freeze(static), jax.tree.structure(args), tuple(jax.tree.leaves(in_sh)),
                str(out_shardings), donate)
         compiled = self._cache.get(key)
         if compiled is None:

@@ -226,7 +226,8 @@ class Job:
                 continue
             res = evaluate_greedy(model, iter(self.eval_loader), self.tokenizer, p=p,
                                   max_new_tokens=self.cfg.rl.max_new_tokens, eos_ids=self.eos_ids,
-                                  pad_id=self.special.pad, seed=self.cfg.seed, context=self.placement.context)
+                                  pad_id=self.special.pad, seed=self.cfg.seed, context=self.placement.context,
+                                  sparsity=self.sparsity)
             results.update(res.metrics())
         return results
 
@@ -239,14 +240,13 @@ class Job:
     # ------------------------------------------------------------------ end
     def finish(self, state, g: int, *, stopped: bool, final_eval: bool = False) -> dict:
         from zipr1_jax.train.plots import plot_metrics
-        from zipr1_jax.train.trainer import summary_line, write_summary
+        from zipr1_jax.train.trainer import write_summary
 
         self.ckpt.wait()
         summary = {"global_step": int(g), "stopped_early": stopped, "out_dir": self.out_dir,
                    "checkpoint_dir": str(self.ckpt.directory), "latest_checkpoint": self.ckpt.latest_step()}
         if final_eval:
             summary["final_eval"] = self.eval_and_log(state.params, g, "final")
-            self.logger.write(summary_line(summary))
         if jax.process_index() == 0:
             if self.cfg.log.plots and os.path.isfile(self.logger.jsonl_path):
                 summary["plots"] = plot_metrics(self.logger.jsonl_path, os.path.join(self.out_dir, "plots"))

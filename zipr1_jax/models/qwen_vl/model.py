@@ -1,5 +1,5 @@
 """Qwen2-VL / Qwen2.5-VL for conditional generation (Flax NNX): embedding, vision-token scatter,
-decoder stack, final norm, lm head, plus prefill / cached decode.
+decoder stack, final norm, lm head, plus prefill / cached decode (sparse variants: sparse.py).
 
 Attribute tree mirrors Hugging Face (`visual`, `embed_tokens`, `layers[i]`, `norm`, `lm_head`), so
 the HF key table in hf_params.py is a plain rename + transpose.
@@ -17,6 +17,7 @@ from flax import nnx, struct
 from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, write_at
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
+from zipr1_jax.models.qwen_vl.sparse import SparseMixin
 from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm
 from zipr1_jax.models.qwen_vl.vision import VisionTower
 from zipr1_jax.sharding.logical import constrain, param_axes
@@ -34,8 +35,11 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-class QwenVLForConditionalGeneration(nnx.Module):
-    """The whole model. Parameters carry logical axis names; activations are `constrain`ed."""
+class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
+    """The whole model. Parameters carry logical axis names; activations are `constrain`ed.
+
+    ZipR1 sparse attention: `sparse_forward` / `sparse_prefill` come from `SparseMixin` (sparse.py).
+    """
 
     def __init__(self, config: QwenVLConfig, *, rngs: nnx.Rngs):
         self.config = config
