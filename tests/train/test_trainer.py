@@ -61,7 +61,7 @@ def test_end_to_end_outputs(full_run):
         # The learner recomputes the rollout's log-probs with the same kept sets (same p, same
         # selection key, select_end = prompt length): sampler and trainer agree.
         assert r["logp_mismatch"] < 1e-4, r["logp_mismatch"]
-    assert os.path.isfile(out / "plots" / "summary.png")
+    assert os.path.isfile(out / "plots" / "summary.png") and os.path.isfile(out / "plots" / "eval.png")
     assert json.load(open(out / "summary.json"))["global_step"] == 5
     assert os.path.isdir(out / "checkpoints" / "reference")
     assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [1, 2, 3, 4, 5]

@@ -118,8 +118,12 @@ class MetricsLogger:
         return done / elapsed if elapsed > 0 and done > 0 else float("nan")
 
     # ------------------------------------------------------------------ logging
-    def log(self, step: int, metrics: Mapping[str, Any], *, phase: str | None = None) -> dict[str, Any]:
-        """Record `metrics` for `step` (the number of completed steps). Returns the JSON record."""
+    def log(self, step: int, metrics: Mapping[str, Any], *, phase: str | None = None,
+            show: bool = True) -> dict[str, Any]:
+        """Record `metrics` for `step` (the number of completed steps). Returns the JSON record.
+
+        show=False records without touching the progress bar / line (e.g. evaluation results
+        logged in the middle of a phase, which `write` reports as text instead)."""
         if self._closed:
             raise RuntimeError("MetricsLogger.log called after close()")
         phase = phase or self.phase
@@ -149,8 +153,9 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{phase}/{key}", v, global_step=int(step))
             if math.isfinite(rate):
                 self._tb.add_scalar(f"{phase}/steps_per_sec", rate, global_step=int(step))
-        self._show(step, values, rate)
-        self._last_step = step
+        if show:
+            self._show(step, values, rate)
+            self._last_step = step
         return record
 
     def progress_text(self, step: int, values: Mapping[str, float | None], rate: float) -> str:

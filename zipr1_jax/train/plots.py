@@ -100,4 +100,33 @@ def plot_metrics(jsonl_path: str | os.PathLike, out_dir: str | os.PathLike | Non
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    path = _plot_eval(plt, records, out_dir)
+    if path:
+        written.append(path)
     return written
+
+
+def _plot_eval(plt, records: Sequence[dict], out_dir: str) -> str | None:
+    """`eval.png`: evaluation accuracy and token ratio per attention setting (dense, p=...) over
+    the global step (before RL, during, final), from records of phase "eval"."""
+    evals = [r for r in records if r.get("phase") == "eval"]
+    if not evals:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100, squeeze=False)
+    for ax, prefix, title in zip(axes[0], ("accuracy_", "token_ratio_"), ("eval accuracy", "eval token ratio")):
+        keys = sorted({k for r in evals for k in r if k.startswith(prefix)})
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=key[len(prefix):])
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "eval.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -233,7 +233,7 @@ class Job:
 
     def eval_and_log(self, params, g: int, tag: str) -> dict:
         metrics = self.evaluate(params)
-        self.logger.log(g, metrics, phase="eval")
+        self.logger.log(g, metrics, phase="eval", show=False)
         self.logger.write(f"eval ({tag}, step {g}): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
