@@ -39,7 +39,8 @@ def build_model(section: ModelSection) -> QwenVLForConditionalGeneration:
     if section.hf_dir is not None:
         from zipr1_jax.models.qwen_vl.loader import load_hf_checkpoint
 
-        return load_hf_checkpoint(section.hf_dir, dtype=section.dtype, param_dtype=section.param_dtype)
+        _, model = load_hf_checkpoint(section.hf_dir, dtype=section.dtype, param_dtype=section.param_dtype)
+        return model
     config: QwenVLConfig = section.model_config()
     return QwenVLForConditionalGeneration(config, rngs=nnx.Rngs(section.init_seed))
 
