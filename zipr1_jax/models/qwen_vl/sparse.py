@@ -24,6 +24,13 @@ Token ratios (METHOD 1.6):
 
 Selection is a stop-gradient choice (inside `select_topp`, and the keep mask is boolean); gradients
 flow through attention over the kept keys. Rows with p = 1.0 keep every valid key: exactly dense.
+
+Alternative keep rules (evaluation baselines: top-k, score threshold, FastV; zipr1_jax/eval/methods.py)
+plug in through `keep_fn` (argument, else the model attribute `keep_fn`, like `sparsity`):
+  keep_fn(input_ids_BL=, valid_BL=, p_B=, select_end=, sparsity=, model_config=) -> layer_fn
+  layer_fn(y, q_BLNH, k_BLKH, rng) -> (keep_BL, ratio_B), or None for a dense layer
+called once per forward, then once per decoder layer in order (so a rule may rank at one layer and
+prune later ones). It replaces `layer_keep` and `sparsity.layers`; attention / cache are unchanged.
 """
 
 from __future__ import annotations
@@ -124,7 +131,7 @@ class SparseMixin:
     """
 
     def _sparse_trunk(self, input_ids_BL, *, sparsity, p_B, rng, attention_mask_BL, position_ids_3BL, select_end,
-                      vision):
+                      vision, keep_fn=None):
         """Embed + decoder stack with per-layer selection. Returns (h_BLD, valid_BL, records) where
         records[y] = (keep_BL, ratio_B | None (dense), k_BLKH, v_BLKH)."""
         x_BLD = self.embed(input_ids_BL, **vision)
@@ -136,14 +143,24 @@ class SparseMixin:
             raise ValueError(f"attention_mask_BL shape {valid_BL.shape} != input_ids shape {(B, L)}")
         mask_BLS = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
         records = {}
+        keep_fn = getattr(self, "keep_fn", None) if keep_fn is None else keep_fn
+        layer_fn = None if keep_fn is None else keep_fn(
+            input_ids_BL=input_ids_BL, valid_BL=valid_BL, p_B=p_B, select_end=E, sparsity=sparsity,
+            model_config=self.config)
 
         def make_attend(y: int):
             def attend(q_BLNH, k_BLKH, v_BLKH, mask):
-                if not sparsity.is_sparse_layer(y):
+                if layer_fn is not None:
+                    kept = layer_fn(y, q_BLNH, k_BLKH, layer_rng(rng, y))
+                elif sparsity.is_sparse_layer(y):
+                    kept = layer_keep(q_BLNH, k_BLKH, valid_BL, p_B, selection=sparsity.selection,
+                                      rng=layer_rng(rng, y), select_end=E)
+                else:
+                    kept = None
+                if kept is None:
                     records[y] = (valid_BL, None, k_BLKH, v_BLKH)
                     return dense_attention(q_BLNH, k_BLKH, v_BLKH, mask)
-                keep_BL, ratio_B = layer_keep(q_BLNH, k_BLKH, valid_BL, p_B, selection=sparsity.selection,
-                                              rng=layer_rng(rng, y), select_end=E)
+                keep_BL, ratio_B = kept
                 records[y] = (keep_BL, ratio_B, k_BLKH, v_BLKH)
                 # Padding keys are never kept, so the kept set already carries the padding mask.
                 return attend_kept(q_BLNH, k_BLKH, v_BLKH, keep_BL, sparsity=sparsity)
@@ -161,7 +178,7 @@ class SparseMixin:
     def sparse_forward(self, input_ids_BL, *, sparsity: SparsityConfig | None = None, p_B=None, rng=None,
                        attention_mask_BL=None, position_ids_3BL=None, select_end: int | None = None,
                        pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                       second_per_grid_ts=None) -> SparseOutput:
+                       second_per_grid_ts=None, keep_fn=None) -> SparseOutput:
         """Full causal forward with ZipR1 sparse attention in the selected decoder layers.
 
         Args:
@@ -173,6 +190,7 @@ class SparseMixin:
           select_end: static int E: select over columns [0, E) only (the prompt); valid columns
             >= E (the response) are always kept. None: E = L.
           pixel_values, image_grid_thw, ...: vision inputs as for `__call__`.
+          keep_fn: optional alternative keep rule (module docstring); None: `self.keep_fn` if set.
         Returns:
           SparseOutput(logits [B, L, V] float32, token_ratio_B [B], layer_ratio_BY [B, Y]).
         """
@@ -185,7 +203,7 @@ class SparseMixin:
         h_BLD, _, records = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
                                                attention_mask_BL=attention_mask_BL,
                                                position_ids_3BL=position_ids_3BL, select_end=select_end,
-                                               vision=vision)
+                                               vision=vision, keep_fn=keep_fn)
         layer_ratio_BY = self._layer_ratios(records, h_BLD.shape[0])
         return SparseOutput(logits=self._logits(h_BLD), token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
                             layer_ratio_BY=layer_ratio_BY)
@@ -193,7 +211,7 @@ class SparseMixin:
     def sparse_prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,
                        rope_deltas_B=None, p_B=None, rng=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                       sparsity: SparsityConfig | None = None):
+                       sparsity: SparsityConfig | None = None, keep_fn=None):
         """Sparse prompt pass filling a pruned KV cache (the rollout hook, zipr1_jax/rl/rollout.py).
 
         Selection covers the whole prompt (E = L) with the same per-layer keys as `sparse_forward`.
@@ -221,7 +239,7 @@ class SparseMixin:
         h_BLD, valid_BL, records = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
                                                       attention_mask_BL=attention_mask_BL,
                                                       position_ids_3BL=position_ids_3BL, select_end=None,
-                                                      vision=vision)
+                                                      vision=vision, keep_fn=keep_fn)
         B, L = valid_BL.shape
         cache = KVCache(k=jnp.stack([compact_front(k, keep, capacity) for keep, _, k, _ in records]),
                         v=jnp.stack([compact_front(v, keep, capacity) for keep, _, _, v in records]),

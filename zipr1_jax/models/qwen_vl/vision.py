@@ -126,14 +126,22 @@ def _norm(v: VisionConfig, dim: int, *, dtype, param_dtype, rngs):
     return RMSNorm(dim, eps=v.norm_eps, param_dtype=param_dtype, axis_name="vision_embed")
 
 
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):  # gelu_pytorch_tanh
+    return jax.nn.gelu(x, approximate=True)
+
+
 def _act(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "silu":
-        return jax.nn.silu
-    if name == "gelu":
-        return functools.partial(jax.nn.gelu, approximate=False)
-    return functools.partial(jax.nn.gelu, approximate=True)  # gelu_pytorch_tanh
+    """Module-level functions (not fresh lambdas/partials): two models of one config then have
+    equal graphdefs and share compiled programs."""
+    return {"quick_gelu": _quick_gelu, "silu": jax.nn.silu, "gelu": _gelu_exact}.get(name, _gelu_tanh)
 
 
 class PatchEmbed(nnx.Module):
