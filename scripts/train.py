@@ -3,22 +3,34 @@
     python scripts/train.py                                   # embedded default: tiny model, CPU
     python scripts/train.py --config configs/qwen2_5_vl_7b_tpu_v5e.yaml model.hf_dir=/ckpt/qwen
     python scripts/train.py rl.steps=5 log.out_dir=runs/try   # dotted overrides
+
+Several processes (README "Multi-host"): TPU pods, Slurm and Open MPI need nothing more; elsewhere
+every process gets `--coordinator-address HOST:PORT --num-processes N --process-id I` (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
 """
 
 from __future__ import annotations
 
 import sys
 
-from zipr1_jax.train.cli import parse_args
-from zipr1_jax.train.trainer import run, summary_line
+from zipr1_jax.train.distributed import initialize, parse_flags
 
 
 def main(argv: list[str] | None = None) -> int:
+    dist, argv = parse_flags(sys.argv[1:] if argv is None else argv)
+    initialize(dist)  # before anything starts a JAX backend
+
+    import jax
+
+    from zipr1_jax.train.cli import parse_args
+    from zipr1_jax.train.trainer import run, summary_line
+
     cfg = parse_args(argv)
     summary = run(cfg)
-    print(summary_line(summary))
-    print(f"metrics: {summary['out_dir']}/metrics.jsonl, plots: {summary['out_dir']}/plots, "
-          f"checkpoints: {summary['checkpoint_dir']}")
+    if jax.process_index() == 0:
+        print(summary_line(summary))
+        print(f"metrics: {summary['out_dir']}/metrics.jsonl, plots: {summary['out_dir']}/plots, "
+              f"checkpoints: {summary['checkpoint_dir']}")
     return 0
 
 

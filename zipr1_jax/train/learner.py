@@ -32,6 +32,7 @@ from zipr1_jax.rl.losses import grpo_loss, token_logprobs_from_logits
 from zipr1_jax.rl.rewards import RewardInputs, compute_rewards
 from zipr1_jax.rl.rollout import SamplingConfig, budget_thresholds, generate
 from zipr1_jax.train.batch import model_kwargs, response_positions, vision_arrays
+from zipr1_jax.train.distributed import put_rows, replicate, to_host_tree
 from zipr1_jax.train.parallel import Placement
 from zipr1_jax.train.state import TrainState
 
@@ -195,7 +196,8 @@ class GRPOLearner:
         c, pl = self.cfg, self.placement
         R = batch["input_ids"].shape[0]
         p_np = self.thresholds(R // c.group_size, step)
-        out = self.rollout(state.params, batch, rng, p_np)
+        # Host copies (gathered from every process's devices when the run spans several).
+        out = to_host_tree(self.rollout(state.params, batch, rng, p_np))
         sel_rng = jax.random.split(rng)[0]  # the selection key generate() used in its prefill
         tokens, mask = np.asarray(out.tokens_BT), np.asarray(out.mask_BT)
         responses = self.decode(tokens, mask)
@@ -204,13 +206,13 @@ class GRPOLearner:
 
         seq, L = self.sequences(batch, out)
         vision, grids = vision_arrays(batch)
-        rows = pl.put_batch({"ids": seq["ids"], "mask": seq["mask"], "adv": adv_R.astype(np.float32),
+        rows = put_rows(pl, {"ids": seq["ids"], "mask": seq["mask"], "adv": adv_R.astype(np.float32),
                              "p": np.ones(R, np.float32) if p_np is None else p_np.astype(np.float32),
                              "rollout_logp": np.asarray(out.logprobs_BT, np.float32)})
         pos = jax.device_put(seq["pos"], pl.replicated)
         vision = pl.replicate(vision)
         seq_d = {"ids": rows["ids"], "mask": rows["mask"], "pos": pos}
-        sel_rng = pl.replicate(sel_rng)
+        sel_rng = replicate(pl, sel_rng)
         static = dict(graphdef=self.graphdef, grids=grids, sparsity=c.sparsity if c.sparse else None, L=L,
                       temperature=c.sampling.temperature)
         ref_logp = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,9 @@ def _tokenizer(cfg: TrainConfig, out_dir: str):
 
     path = cfg.tokenizer_dir()
     if path == "builtin":
-        path = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
+        # Deterministic: other processes build their own copy (no race on, or need for, a shared out_dir).
+        path = build_tiny_tokenizer(os.path.join(out_dir, "tokenizer") if jax.process_index() == 0
+                                    else tempfile.mkdtemp(prefix="zipr1_tokenizer_"))
     return load_tokenizer(path)
 
 
@@ -43,6 +46,20 @@ def _source(cfg: TrainConfig, *, eval_split: bool):
         rows = [src[i] for i in range(min(cfg.eval.num_examples, len(src)))]
         return sources.RecordListSource(rows, name=f"{d.source}:eval")
     return src
+
+
+def _process_rows(source, pc, field: str):
+    """(source, PipelineConfig) of this process's rows of every global batch (one process: as is)."""
+    if jax.process_count() == 1:
+        return source, pc
+    from zipr1_jax.train.distributed import ProcessRows
+
+    if pc.batch_size % jax.process_count():
+        raise TrainConfigError(f"{field}: the global batch of {pc.batch_size} does not split over "
+                               f"{jax.process_count()} processes; use a multiple of the process count")
+    rows = ProcessRows(source, global_batch=pc.batch_size, index=jax.process_index(), count=jax.process_count(),
+                       seed=pc.seed, shuffle=pc.shuffle)
+    return rows, dataclasses.replace(pc, batch_size=rows.local_batch, shuffle=False)
 
 
 class Job:
@@ -83,16 +100,20 @@ class Job:
         del model
         self.param_shardings = state_shardings(params, self.mesh)
         self.params0 = jax.device_put(params, self.param_shardings)
-        # Data: one process reads its shard of the examples (multi-host).
+        # Data. Batch sizes are global. With several processes each reads only its rows of every
+        # global batch (distributed.ProcessRows) and `next_batch` gathers the global host batch.
         d = cfg.data
-        common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size,
-                      shard_index=jax.process_index(), shard_count=jax.process_count())
+        common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size)
         train_src = _source(cfg, eval_split=False)
-        self.sft_loader = sft_loader(train_src, self.tokenizer, PipelineConfig(batch_size=cfg.sft.batch_size, **common),
-                                     model_config=mc) if cfg.sft.steps > 0 else None
-        self.rl_loader = rl_prompt_loader(train_src, self.tokenizer,
-                                          PipelineConfig(batch_size=d.batch_size, group_size=d.group_size, **common),
-                                          model_config=mc) if cfg.rl.steps > 0 else None
+        self.sft_loader = self.rl_loader = None
+        if cfg.sft.steps > 0:
+            src, pc = _process_rows(train_src, PipelineConfig(batch_size=cfg.sft.batch_size, **common),
+                                    "sft.batch_size")
+            self.sft_loader = sft_loader(src, self.tokenizer, pc, model_config=mc)
+        if cfg.rl.steps > 0:
+            src, pc = _process_rows(train_src, PipelineConfig(batch_size=d.batch_size, group_size=d.group_size,
+                                                              **common), "data.batch_size")
+            self.rl_loader = rl_prompt_loader(src, self.tokenizer, pc, model_config=mc)
         eval_common = dict(common, seed=d.seed, shard_index=0, shard_count=1)
         self.eval_loader = eval_loader(_source(cfg, eval_split=True), self.tokenizer,
                                        PipelineConfig(batch_size=cfg.eval.batch_size, **eval_common), model_config=mc)
@@ -125,6 +146,16 @@ class Job:
                                     tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         self.ref_params = None
         self._sh_cache = {}
+
+    def next_batch(self, phase: str) -> dict:
+        """The next global host batch of `phase` ("sft" / "rl"); with several processes, every
+        process's rows gathered in process order (a collective: all processes call it)."""
+        batch = next(self.sft_iter if phase == "sft" else self.rl_iter)
+        if jax.process_count() == 1:
+            return batch
+        from zipr1_jax.train.distributed import gather_batch
+
+        return gather_batch(batch, padding_side="right" if phase == "sft" else "left", pad_id=self.special.pad)
 
     # ------------------------------------------------------------------ state
     def state_shardings(self, tx):
@@ -196,11 +227,14 @@ class Job:
     def start_rl(self, state):
         """The policy at the start of RL becomes the frozen DENSE reference; fresh RL optimizer."""
         from zipr1_jax.checkpoint import save_params
+        from zipr1_jax.train.distributed import barrier
 
         if self.cfg.rl.beta_kl > 0:
             self.ref_params = jax.tree.map(lambda x: x.copy(), state.params)
             ref_dir = self._reference_dir()
-            if not os.path.exists(ref_dir):
+            exists = os.path.exists(ref_dir)
+            barrier("zipr1_reference_check")  # all processes decide before any of them writes
+            if not exists:
                 save_params(ref_dir, self.ref_params)
         return self.init_state(state.params, self.rl_tx)
 
@@ -220,13 +254,21 @@ class Job:
         from zipr1_jax.eval.greedy import evaluate_greedy
 
         model = nnx.merge(self.graphdef, params)
+        context = self.placement.context
+        if jax.process_count() > 1:
+            # evaluate_greedy reads the sampler's outputs with np.asarray, which only works for arrays
+            # every process holds whole: do not split eval rows over processes (parameters stay sharded).
+            from zipr1_jax.sharding.logical import use_mesh
+
+            rules = tuple((name, None if name == "batch" else axes) for name, axes in self.placement.rules)
+            context = lambda: use_mesh(self.mesh, rules)  # noqa: E731
         results = {}
         for p in self.cfg.eval.p_list:
             if p < 1.0 and not self.sparsity.enabled:
                 continue
             res = evaluate_greedy(model, iter(self.eval_loader), self.tokenizer, p=p,
                                   max_new_tokens=self.cfg.rl.max_new_tokens, eos_ids=self.eos_ids,
-                                  pad_id=self.special.pad, seed=self.cfg.seed, context=self.placement.context,
+                                  pad_id=self.special.pad, seed=self.cfg.seed, context=context,
                                   sparsity=self.sparsity)
             results.update(res.metrics())
         return results

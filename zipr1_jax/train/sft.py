@@ -15,6 +15,7 @@ from flax import nnx
 
 from zipr1_jax.rl.losses import sft_loss
 from zipr1_jax.train.batch import model_kwargs, vision_arrays
+from zipr1_jax.train.distributed import put_rows
 from zipr1_jax.train.parallel import Placement
 from zipr1_jax.train.state import TrainState
 
@@ -40,7 +41,7 @@ def _sft_update(state: TrainState, rows, pos_3BL, vision, *, tx, graphdef, grids
 def sft_step(state: TrainState, batch: dict, *, tx, graphdef, placement: Placement, state_shardings=None):
     """One SFT optimizer step on a right-padded loader batch; returns (state, metrics as floats)."""
     vision, grids = vision_arrays(batch)
-    rows = placement.put_batch({k: np.asarray(batch[k]).astype(np.int32)
+    rows = put_rows(placement, {k: np.asarray(batch[k]).astype(np.int32)
                                 for k in ("input_ids", "attention_mask", "loss_mask")})
     pos = jax.device_put(np.asarray(batch["position_ids"], np.int32), placement.replicated)
     state, metrics = placement.jit(_sft_update, state, rows, pos, placement.replicate(vision),

@@ -73,7 +73,7 @@ def _run(cfg: TrainConfig, job, stop_after_step):
     if g < n_sft:
         log.start_phase("sft", n_sft, first_step=g)
         while g < n_sft:
-            state, m = sft_step(state, next(job.sft_iter), tx=job.sft_tx, graphdef=job.graphdef,
+            state, m = sft_step(state, job.next_batch("sft"), tx=job.sft_tx, graphdef=job.graphdef,
                                 placement=job.placement, state_shardings=job.state_shardings(job.sft_tx))
             g += 1
             _finite(m, "sft", g, job)
@@ -93,7 +93,7 @@ def _run(cfg: TrainConfig, job, stop_after_step):
         log.start_phase("rl", total, first_step=g)
         key = jax.random.key(cfg.seed)
         while g < total:
-            batch = next(job.rl_iter)
+            batch = job.next_batch("rl")
             state, m, _ = learner.step(state, job.ref_params, batch, jax.random.fold_in(key, g), step=g)
             g += 1
             _finite(m, "rl", g, job)
