@@ -38,6 +38,8 @@ import tempfile
 import time
 
 import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
+from _markdown import replace_section  # noqa: E402
 
 for _k, _v in (("JAX_PLATFORMS", "cpu"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
@@ -477,7 +479,6 @@ def _more(n: int) -> str:
 
 
 def write_section(result: dict, args, path: str | None = None) -> str:
-    path = path or os.path.join(os.path.dirname(HERE), "BENCHMARKS.md")
     cfg, v = result["config"], result["versions"]
     t = cfg.text
     cmd = (f"bash benchmarks/setup_trl_env.sh /work/trl_venv && ZIPR1_TRL_PYTHON=/work/trl_venv/bin/python "
@@ -508,16 +509,7 @@ def write_section(result: dict, args, path: str | None = None) -> str:
             "prompts only: TRL's VLM path needs a full `Qwen2VLProcessor` with chat template and images, which "
             "this offline benchmark does not build.\n\n"
             f"{table(result['rows'])}\n\n{NOTE}")
-    text = open(path).read() if os.path.exists(path) else "# zipr1_jax benchmarks\n"
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    if SECTION in text:
-        text = pattern.sub(lambda _: body.rstrip("\n") + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}")
-    return path
+    return replace_section(SECTION, body, path)
 
 
 def parse_args(argv=None):

@@ -29,8 +29,8 @@ import argparse
 import math
 import os
 import platform
-import re
 import statistics
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,6 +46,8 @@ import transformers  # noqa: E402
 from zipr1_jax.models.qwen_vl import config as C  # noqa: E402
 from zipr1_jax.models.qwen_vl.loader import from_hf_state_dict  # noqa: E402
 from zipr1_jax.rl.rollout import SPARSE_PREFILL_METHOD, SamplingConfig, generate  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
+from _markdown import replace_section  # noqa: E402
 
 SECTION = "## Rollout throughput vs Hugging Face generate"
 SPARSE_P = 0.9
@@ -242,7 +244,6 @@ def machine_note(threads: list[int], load_before: str, load_after: str) -> str:
 
 
 def write_section(result: dict, args, path: str | None = None) -> str:
-    path = path or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
     cfg = result["config"]
     t = cfg.text
     cmd = (f"nice -n 10 python benchmarks/rollout.py --batch {args.batch} --prompt {args.prompt} --new {args.new} "
@@ -265,16 +266,7 @@ def write_section(result: dict, args, path: str | None = None) -> str:
             "generated tokens (B x new) / seconds per rollout. Greedy agreement = fraction of equal generated "
             "tokens between ours and HF (the lowest over the thread counts).\n\n"
             f"{table(result['rows'])}\n\n{NOTE}")
-    text = open(path).read() if os.path.exists(path) else "# zipr1_jax benchmarks\n"
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    if SECTION in text:
-        text = pattern.sub(lambda _: body.rstrip("\n") + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}")
-    return path
+    return replace_section(SECTION, body, path)
 
 
 def parse_args(argv=None):

@@ -34,9 +34,10 @@ import dataclasses
 import datetime
 import math
 import os
-import re
 import sys
 import time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
+from _markdown import replace_section  # noqa: E402
 
 PEAKS = {  # (peak dense bf16 FLOP/s, HBM bytes/s), public spec sheets
     "v5e": (197e12, 819e9),
@@ -310,17 +311,6 @@ def section(tab: str, cmd: str) -> str:
         "gives ~4x on both targets; the kernels read only blocks below `length`.\n")
 
 
-def write_section(path: str, body: str):
-    text = open(path).read() if os.path.exists(path) else "# zipr1_jax benchmarks\n"
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    if SECTION in text:
-        text = pattern.sub(lambda _: body.rstrip("\n") + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--deps", help="directory with libtpu + jax CUDA plugin (.ci/aot_deps.sh DIR)")
@@ -335,7 +325,7 @@ def main(argv=None):
     if args.write:
         deps = "--deps DIR " if args.deps else ""
         cmd = f".ci/aot_deps.sh DIR && python benchmarks/roofline.py {deps}--write"
-        write_section(os.path.join(ROOT, "BENCHMARKS.md"), section(tab, cmd))
+        replace_section(SECTION, section(tab, cmd))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,6 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from zipr1_jax.kernels.sparse_attention import decode_attention, sparse_attention  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
+from _markdown import replace_section  # noqa: E402
 
 SECTION = "## Sparse attention on CPU (xla path)"
 NOTE = ('Reading: the FLOP ratio is the ideal (4x for prefill at 25% kept; decode reads 25% of the prefill entries plus the generation slots). Measured speed-ups above 4x come from memory: the dense path materialises float32 [N, L, L] score/probability temporaries (0.47 GB per tensor at L=2k, 28 heads) that spill every cache level, the sparse one [N, L, L/4]. Selection cost (probe scoring + sort) is not included in the prefill rows. Timings on 2 CPU cores shared with other jobs: expect +-20% run to run. This is the xla path only; Pallas kernels are timed on accelerators, not here.\n')
@@ -137,8 +139,6 @@ def main():
 
 
 def write_section(table, kv, args):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
-    text = open(path).read() if os.path.exists(path) else "# zipr1_jax benchmarks\n"
     body = (f"{SECTION}\n\n"
             f"Command: `JAX_PLATFORMS=cpu /work/venv/bin/python benchmarks/sparse_attention.py --write`"
             f" (ratio={args.ratio}, median of {args.repeats} repeats for prefill, 10 for decode; "
@@ -149,11 +149,7 @@ def write_section(table, kv, args):
             "key kept (capacity S). Kept set: random 25% of keys (first token kept). Sparse FLOPs are "
             "of the chosen bucket compiled alone (cost_analysis of a switch is not per-branch).\n\n"
             f"{table}\n\n{kv}\n\n{NOTE}")
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(body.rstrip("\n") + "\n", text) if SECTION in text else text.rstrip("\n") + "\n\n" + body
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}")
+    replace_section(SECTION, body)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,24 @@ def test_p_one_and_disabled_are_dense(tiny):
         np.testing.assert_array_equal(np.asarray(out.token_ratio_B), 1.0)
 
 
+def test_logits_slice(tiny):
+    """`logits_slice=(start, stop)` projects only those positions (the learner's response window)."""
+    _, m = tiny
+    ids, mask = _with_response(*_prompts())
+    full = _dense(m, jnp.asarray(ids), jnp.asarray(mask))
+    part = m(jnp.asarray(ids), attention_mask_BL=jnp.asarray(mask), logits_slice=(18, 24)).logits
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 18:24]), rtol=TOL, atol=TOL)
+    kw = dict(sparsity=SPARSITY, p_B=jnp.full(3, 0.7, jnp.float32), rng=jax.random.key(0),
+              attention_mask_BL=jnp.asarray(mask), select_end=19)
+    sp_full = m.sparse_forward(jnp.asarray(ids), **kw)
+    sp_part = m.sparse_forward(jnp.asarray(ids), logits_slice=(18, 24), **kw)
+    np.testing.assert_allclose(np.asarray(sp_part.logits), np.asarray(sp_full.logits[:, 18:24]), rtol=TOL, atol=TOL)
+    np.testing.assert_array_equal(np.asarray(sp_part.token_ratio_B), np.asarray(sp_full.token_ratio_B))
+    for bad in ((5, 5), (0, ids.shape[1] + 1), (-1, 3), [0, 3], (0.0, 3)):
+        with pytest.raises(ValueError, match="logits_slice must be a static"):
+            m(jnp.asarray(ids), attention_mask_BL=jnp.asarray(mask), logits_slice=bad)
+
+
 # ---------------------------------------------------------------------- (2) p < 1 == brute force
 @pytest.mark.parametrize("sparsity,select_end", [
     (BUCKETED, None),  # selection over the whole sequence, bucketed capacities (lax.switch)

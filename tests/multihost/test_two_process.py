@@ -24,18 +24,12 @@ import pytest
 
 from zipr1_jax.train import distributed as dist
 
+from tests.train.tiny_run import MESH_222
+from tests.train.tiny_run import TINY as TINY_RUN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# TINY of tests/train/test_trainer.py, on the 8-device mesh of its sharded test.
-TINY = [
-    "data.num_examples=64", "data.batch_size=2", "data.group_size=2", "data.length_buckets=[128]",
-    "sparsity.p_grid=[0.9,0.95]", "sparsity.min_probes=4",
-    "sft.steps=3", "sft.batch_size=4", "sft.warmup_steps=1",
-    "rl.steps=2", "rl.max_new_tokens=4", "rl.warmup_steps=0",
-    "eval.num_examples=4", "eval.batch_size=4", "eval.p_list=[1.0,0.9]",
-    "checkpoint.save_every=1", "checkpoint.keep_last=10", "checkpoint.async_save=false",
-    "log.progress=line", "log.tensorboard=false",
-    "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-]
+# The trainer tests' tiny run, on the 8-device mesh of their sharded test, with a line per step.
+TINY = [o for o in TINY_RUN if not o.startswith("log.progress=")] + ["log.progress=line"] + MESH_222
 TIMEOUT_S = 2400  # a generous bound for a loaded 2-core machine (typically 4-10 min per run)
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -213,7 +207,7 @@ def test_only_process_zero_writes_logs(runs):
     _, two, logs = runs
     assert os.path.isfile(two / "plots" / "summary.png")
     assert json.load(open(two / "summary.json"))["global_step"] == 5
-    assert "final eval:" in logs[0] and "final eval:" not in logs[1]
+    assert "final eval" in logs[0] and "final eval" not in logs[1]
     assert "sft 1/3" in logs[0] and "sft 1/3" not in logs[1]
     steps = sorted(int(d) for d in os.listdir(two / "checkpoints") if d.isdigit())
     assert steps == [1, 2, 3, 4, 5] and os.path.isdir(two / "checkpoints" / "reference")

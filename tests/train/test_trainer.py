@@ -11,18 +11,12 @@ import numpy as np
 import pytest
 
 from zipr1_jax.train.cli import load_config
-from zipr1_jax.train.trainer import TrainingDivergedError, run
+from zipr1_jax.train.sft import all_text_targets
+from zipr1_jax.train.trainer import TrainingDivergedError, run, summary_line
+
+from tests.train.tiny_run import MESH_222, TINY
 
 ONE = jax.devices()[:1]
-TINY = [
-    "data.num_examples=64", "data.batch_size=2", "data.group_size=2", "data.length_buckets=[128]",
-    "sparsity.p_grid=[0.9,0.95]", "sparsity.min_probes=4",
-    "sft.steps=3", "sft.batch_size=4", "sft.warmup_steps=1",
-    "rl.steps=2", "rl.max_new_tokens=4", "rl.warmup_steps=0",
-    "eval.num_examples=4", "eval.batch_size=4", "eval.p_list=[1.0,0.9]",
-    "checkpoint.save_every=1", "checkpoint.keep_last=10", "checkpoint.async_save=false",
-    "log.progress=none", "log.tensorboard=false",
-]
 
 
 def _cfg(tmp_path, *extra):
@@ -63,6 +57,13 @@ def test_end_to_end_outputs(full_run):
         assert r["logp_mismatch"] < 1e-4, r["logp_mismatch"]
     assert os.path.isfile(out / "plots" / "summary.png") and os.path.isfile(out / "plots" / "eval.png")
     assert json.load(open(out / "summary.json"))["global_step"] == 5
+    # The final line compares with the model before RL (the SFT model, evaluated at step 3).
+    assert summary["before_rl_eval"]["step"] == 3
+    assert set(summary["before_rl_eval"]) == {"step"} | set(ev)
+    line = summary_line(summary)
+    assert line.startswith("final eval (step 5) vs before RL (step 3): dense: accuracy ")
+    r0, r1 = summary["before_rl_eval"]["token_ratio_p0.9"], ev["token_ratio_p0.9"]
+    assert f"token ratio {r0:.3f} -> {r1:.3f} ({r1 - r0:+.3f})" in line
     assert os.path.isdir(out / "checkpoints" / "reference")
     assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [1, 2, 3, 4, 5]
 
@@ -108,7 +109,7 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
     from zipr1_jax.sharding.rules import abstract_with_shardings, per_device_bytes, state_shardings
     from zipr1_jax.train.state import split_params
 
-    run(_cfg(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    run(_cfg(tmp_path, *MESH_222))
     # Losses of every step (SFT and GRPO). Tolerance: fp32 reductions are split over 8 devices in
     # another order; 1e-4 relative is the end-to-end fp32 budget.
     for phase in ("sft", "rl"):
@@ -161,6 +162,31 @@ def test_kill_and_resume_subprocess(full_run, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from checkpoint step" in done.stderr
+    assert "vs before RL (step 3)" in done.stdout  # read back from eval_before_rl.json after the kill
     a, b = _records(out, "rl"), _records(tmp_path, "rl")
     np.testing.assert_allclose(b[5]["loss"], a[5]["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b[5]["reward"], a[5]["reward"], rtol=1e-5, atol=1e-6)
+
+
+def test_summary_line_golden():
+    summary = {"global_step": 340, "final_eval": {"accuracy_dense": 0.4375, "token_ratio_dense": 1.0,
+                                                  "accuracy_p0.975": 0.453125, "token_ratio_p0.975": 0.975},
+               "before_rl_eval": {"step": 300, "accuracy_dense": 0.484375, "token_ratio_dense": 1.0,
+                                  "accuracy_p0.975": 0.515625, "token_ratio_p0.975": 0.98}}
+    assert summary_line(summary) == ("final eval (step 340) vs before RL (step 300): dense: accuracy 0.484 -> 0.438; "
+                                     "p=0.975: accuracy 0.516 -> 0.453, token ratio 0.980 -> 0.975 (-0.005)")
+    del summary["before_rl_eval"]  # e.g. an SFT-only run
+    assert summary_line(summary).startswith("final eval (step 340): accuracy_dense 0.438, token_ratio_dense 1.000")
+    assert summary_line({"global_step": 3}) == "final eval: none"
+
+
+def test_sft_all_targets(full_run, tmp_path):
+    ids = np.array([[9, 5, 251, 251, 6, 7, 0]])
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(all_text_targets(ids, mask, (251, 252)), [[1, 1, 0, 0, 1, 1, 0]])
+    # sft.targets=all trains on the prompt text too: many more target tokens than the answer alone.
+    out, _ = full_run
+    run(_cfg(tmp_path, "sft.targets=all", "rl.steps=0", "checkpoint.save_every=0"), devices=ONE)
+    answer, every = _records(out, "sft"), _records(tmp_path, "sft")
+    assert every[1]["target_tokens"] > 5 * answer[1]["target_tokens"]
+    assert math.isfinite(every[3]["loss"])

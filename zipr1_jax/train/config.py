@@ -232,6 +232,9 @@ class DataSection:
         _int(self, "seed", 0)
 
 
+SFT_TARGETS = ("answer", "all")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SFTSection:
     """Supervised warm-up so that a randomly initialised model can earn accuracy reward."""
@@ -243,9 +246,14 @@ class SFTSection:
     batch_size: int = 16
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # "answer": cross entropy on the answer tokens only (instruction tuning of a pretrained model).
+    # "all": on every text token too (language-model pretraining of a from-scratch model): without it
+    # the prompt tokens' attention is never trained and stays near uniform, unlike a real MLLM's.
+    targets: str = "answer"
 
     def __post_init__(self):
         _int(self, "steps", 0)
+        _choice(self, "targets", SFT_TARGETS)
         _float(self, "lr", 0.0, lo_open=True)
         _int(self, "warmup_steps", 0)
         _int(self, "batch_size", 1)

@@ -74,15 +74,18 @@ def _sequence_logprobs(params, seq, vision, p_R, sel_rng, *, graphdef, grids, sp
     """log pi(response token) [R, T] (temperature-scaled like the sampler) and token ratio [R]."""
     model = nnx.merge(graphdef, params)
     kw = model_kwargs(vision, grids)
+    T = seq["ids"].shape[1] - L
+    # Position t predicts token t + 1: the response tokens [L, L + T) come from positions [L - 1, L + T - 1).
+    # Only those are projected to the vocabulary (at 152k entries the prompt's logits would dominate memory).
+    window = (L - 1, L + T - 1)
     if sparsity is not None:
-        out = model.sparse_forward(seq["ids"], sparsity=sparsity, p_B=p_R, rng=sel_rng,
-                                   attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], select_end=L, **kw)
+        out = model.sparse_forward(seq["ids"], sparsity=sparsity, p_B=p_R, rng=sel_rng, attention_mask_BL=seq["mask"],
+                                   position_ids_3BL=seq["pos"], select_end=L, logits_slice=window, **kw)
         ratio_R = out.token_ratio_B
     else:
-        out = model(seq["ids"], attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], **kw)
+        out = model(seq["ids"], attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], logits_slice=window, **kw)
         ratio_R = jnp.ones(seq["ids"].shape[:1], jnp.float32)
-    T = seq["ids"].shape[1] - L
-    logits_RTV = out.logits[:, L - 1:L + T - 1]
+    logits_RTV = out.logits
     if temperature > 0:
         logits_RTV = logits_RTV / temperature
     return token_logprobs_from_logits(logits_RTV, seq["ids"][:, L:]), ratio_R
@@ -100,8 +103,8 @@ def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, re
     rows = R // grad_accum
 
     def loss_fn(params, sl):
-        s = jax.tree.map(lambda x: x[sl], seq)
-        s["pos"] = seq["pos"][:, sl]
+        # Rows are axis 0 of every entry except the M-RoPE positions [3, R, L] (axis 1).
+        s = {k: (v[:, sl] if k == "pos" else v[sl]) for k, v in seq.items()}
         logp_RT = _logprobs_only(params, s, vision, p_R[sl], sel_rng, graphdef=graphdef, grids=grids,
                                  sparsity=sparsity, L=L, temperature=temperature)
         old = jax.lax.stop_gradient(logp_RT) if old_logp_RT is None else old_logp_RT[sl]

@@ -5,6 +5,7 @@ iterators, optimizers, checkpointer and logger (`Job`), plus resume / save / eva
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 
@@ -13,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipr1_jax.train.config import TrainConfig, TrainConfigError
+
+BEFORE_RL_EVAL = "eval_before_rl.json"  # in the run's out_dir
 
 
 def _tokenizer(cfg: TrainConfig, out_dir: str):
@@ -277,6 +280,10 @@ class Job:
         metrics = self.evaluate(params)
         self.logger.log(g, metrics, phase="eval", show=False)
         self.logger.write(f"eval ({tag}, step {g}): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if tag == "before_rl" and jax.process_index() == 0:
+            # Kept on disk: a run resumed mid-RL still compares its final numbers with the SFT model.
+            with open(os.path.join(self.out_dir, BEFORE_RL_EVAL), "w") as f:
+                json.dump({"step": int(g), **metrics}, f, indent=2)
         return metrics
 
     # ------------------------------------------------------------------ end
@@ -289,6 +296,10 @@ class Job:
                    "checkpoint_dir": str(self.ckpt.directory), "latest_checkpoint": self.ckpt.latest_step()}
         if final_eval:
             summary["final_eval"] = self.eval_and_log(state.params, g, "final")
+            before = os.path.join(self.out_dir, BEFORE_RL_EVAL)
+            if os.path.isfile(before):
+                with open(before) as f:
+                    summary["before_rl_eval"] = json.load(f)
         if jax.process_index() == 0:
             if self.cfg.log.plots and os.path.isfile(self.logger.jsonl_path):
                 summary["plots"] = plot_metrics(self.logger.jsonl_path, os.path.join(self.out_dir, "plots"))

@@ -1,4 +1,4 @@
-"""Supervised warm-up: next-token cross entropy on the answer tokens (dense attention).
+"""Supervised warm-up: next-token cross entropy on the answer tokens, or all text (dense attention).
 
 A model built from scratch cannot answer anything, so GRPO would see all-wrong groups (gate C = 0,
 no learning signal). A short SFT phase on the same tasks gives the policy non-trivial accuracy
@@ -38,11 +38,24 @@ def _sft_update(state: TrainState, rows, pos_3BL, vision, *, tx, graphdef, grids
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def sft_step(state: TrainState, batch: dict, *, tx, graphdef, placement: Placement, state_shardings=None):
-    """One SFT optimizer step on a right-padded loader batch; returns (state, metrics as floats)."""
+def all_text_targets(ids_BL: np.ndarray, attention_mask_BL: np.ndarray, skip_ids) -> np.ndarray:
+    """Loss mask for `sft.targets: all`: every real token except vision placeholders (`skip_ids`)."""
+    return (np.asarray(attention_mask_BL) > 0) & ~np.isin(ids_BL, np.asarray(tuple(skip_ids), np.int64))
+
+
+def sft_step(state: TrainState, batch: dict, *, tx, graphdef, placement: Placement, state_shardings=None,
+             all_targets_except=None):
+    """One SFT optimizer step on a right-padded loader batch; returns (state, metrics as floats).
+
+    `all_targets_except`: None trains on the batch's `loss_mask` (the answer); a collection of token
+    ids trains on every real token except those ids (`sft.targets: all`, e.g. the vision pads).
+    """
     vision, grids = vision_arrays(batch)
-    rows = put_rows(placement, {k: np.asarray(batch[k]).astype(np.int32)
-                                for k in ("input_ids", "attention_mask", "loss_mask")})
+    host = {k: np.asarray(batch[k]).astype(np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    if all_targets_except is not None:
+        host["loss_mask"] = all_text_targets(host["input_ids"], host["attention_mask"],
+                                             all_targets_except).astype(np.int32)
+    rows = put_rows(placement, host)
     pos = jax.device_put(np.asarray(batch["position_ids"], np.int32), placement.replicated)
     state, metrics = placement.jit(_sft_update, state, rows, pos, placement.replicate(vision),
                                    static=dict(tx=tx, graphdef=graphdef, grids=grids),

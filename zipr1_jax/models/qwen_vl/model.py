@@ -18,7 +18,7 @@ from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, 
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
 from zipr1_jax.models.qwen_vl.sparse import SparseMixin
-from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm
+from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm, slice_positions
 from zipr1_jax.models.qwen_vl.vision import VisionTower
 from zipr1_jax.sharding.logical import constrain, param_axes
 
@@ -133,8 +133,14 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
     def __call__(self, input_ids_BL, *, attention_mask_BL=None, position_ids_3BL=None, pixel_values=None,
                  image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                  return_hidden_states: bool = False,
-                 attend: AttendFn | Sequence[AttendFn | None] | None = None) -> ModelOutput:
-        """Full causal forward. `attend` optionally replaces the attention core (one or per layer)."""
+                 attend: AttendFn | Sequence[AttendFn | None] | None = None,
+                 logits_slice: tuple[int, int] | None = None) -> ModelOutput:
+        """Full causal forward. `attend` optionally replaces the attention core (one or per layer).
+
+        `logits_slice=(start, stop)` (static) projects only positions [start, stop) to the vocabulary:
+        logits [B, stop - start, V]. The learner needs the response positions only, and at real
+        vocabularies (152k) the prompt's logits would dominate activation memory.
+        """
         if position_ids_3BL is None:
             position_ids_3BL, _ = self.position_ids(input_ids_BL, attention_mask_BL, image_grid_thw,
                                                     video_grid_thw, second_per_grid_ts)
@@ -146,7 +152,7 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
             mask_BLS = mask_BLS & (jnp.asarray(attention_mask_BL) > 0)[:, None, :]
         cos, sin = self._rope(position_ids_3BL)
         h_BLD, hidden = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, collect=return_hidden_states)
-        return ModelOutput(logits=self._logits(h_BLD), hidden_states=hidden)
+        return ModelOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)), hidden_states=hidden)
 
     # ------------------------------------------------------------------ KV cache
     def prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,

@@ -43,7 +43,7 @@ from flax import struct
 from zipr1_jax.kernels.sparse_attention import SelectionConfig, SparsityConfig, select_topp, sparse_attention
 from zipr1_jax.kernels.sparse_attention.selection import compact
 from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front
-from zipr1_jax.models.qwen_vl.text import dense_attention
+from zipr1_jax.models.qwen_vl.text import dense_attention, slice_positions
 from zipr1_jax.typing import Array, Bool, Float
 
 
@@ -178,7 +178,8 @@ class SparseMixin:
     def sparse_forward(self, input_ids_BL, *, sparsity: SparsityConfig | None = None, p_B=None, rng=None,
                        attention_mask_BL=None, position_ids_3BL=None, select_end: int | None = None,
                        pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                       second_per_grid_ts=None, keep_fn=None) -> SparseOutput:
+                       second_per_grid_ts=None, keep_fn=None,
+                       logits_slice: tuple[int, int] | None = None) -> SparseOutput:
         """Full causal forward with ZipR1 sparse attention in the selected decoder layers.
 
         Args:
@@ -191,8 +192,10 @@ class SparseMixin:
             >= E (the response) are always kept. None: E = L.
           pixel_values, image_grid_thw, ...: vision inputs as for `__call__`.
           keep_fn: optional alternative keep rule (module docstring); None: `self.keep_fn` if set.
+          logits_slice: static (start, stop): logits of positions [start, stop) only (as `__call__`).
         Returns:
-          SparseOutput(logits [B, L, V] float32, token_ratio_B [B], layer_ratio_BY [B, Y]).
+          SparseOutput(logits [B, L, V] float32 (or [B, stop - start, V]), token_ratio_B [B],
+          layer_ratio_BY [B, Y]).
         """
         sparsity = _check_sparsity(self, sparsity)
         if position_ids_3BL is None:
@@ -205,7 +208,7 @@ class SparseMixin:
                                                position_ids_3BL=position_ids_3BL, select_end=select_end,
                                                vision=vision, keep_fn=keep_fn)
         layer_ratio_BY = self._layer_ratios(records, h_BLD.shape[0])
-        return SparseOutput(logits=self._logits(h_BLD), token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
+        return SparseOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)), token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
                             layer_ratio_BY=layer_ratio_BY)
 
     def sparse_prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,

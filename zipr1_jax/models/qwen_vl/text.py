@@ -50,6 +50,19 @@ def dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K
     return o_BLKGH.reshape(B, L, N, H)
 
 
+def slice_positions(h_BLD: jax.Array, logits_slice: tuple[int, int] | None) -> jax.Array:
+    """h_BLD[:, start:stop] for a static `logits_slice`, checked; all positions for None."""
+    if logits_slice is None:
+        return h_BLD
+    L = h_BLD.shape[1]
+    ok = (isinstance(logits_slice, tuple) and len(logits_slice) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in logits_slice))
+    if not ok or not 0 <= logits_slice[0] < logits_slice[1] <= L:
+        raise ValueError(f"logits_slice must be a static (start, stop) with 0 <= start < stop <= L={L}, "
+                         f"got {logits_slice!r}")
+    return h_BLD[:, logits_slice[0]:logits_slice[1]]
+
+
 class RMSNorm(nnx.Module):
     """y = scale * (x / rms(x)); the variance is float32, the result is cast back before scaling."""
 
