@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([{"target": e.target.name, "devices": e.target.num_devices, "config": e.config,
                            "mesh": e.mesh, "model": e.model, "num_params": e.num_params, "params": e.params,
                            "opt_state": e.opt_state, "reference": e.reference, "kv_cache": e.kv_cache,
+                           "update_logits": e.logits, "update_logits_all_positions": e.logits_all,
                            "total": e.total, "hbm_bytes": int(e.target.hbm_gib * GIB)} for e in estimates], indent=2))
     else:
         e = estimates[0]

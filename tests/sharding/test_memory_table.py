@@ -59,6 +59,18 @@ def test_kv_cache_against_arithmetic(estimates):
         assert e.kv_cache == want, e.target.name
 
 
+def test_update_logits_against_arithmetic(estimates):
+    """fp32 logits of one update micro-batch: 512 response positions x 152064 vocab entries per
+    row; rows = rollouts / grad_accum (128 / 4, 64 / 4, 64 / 4) split over the longest dividing
+    prefix of (data, fsdp): 32 / 16, 16 / 4 (16 rows do not split 32 ways), 16 / 8; vocab over
+    tensor. Projecting every position would take (2048 + 512) / 512 = 5x as much."""
+    rows_per_device = {"v4-32": 2, "v5e-64": 4, "8xH100": 2}
+    for e in estimates:
+        vocab_per_device = 152064 // e.mesh["tensor"]
+        assert e.logits == rows_per_device[e.target.name] * 512 * vocab_per_device * 4, e.target.name
+        assert e.logits_all == 5 * e.logits
+
+
 def test_script_output_is_the_readme_table(estimates):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

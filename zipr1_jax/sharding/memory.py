@@ -11,8 +11,13 @@ config's (data, fsdp, tensor) sizes for a target's device count. Counted per dev
               max(length_buckets) + rl.max_new_tokens, in model.dtype, sharded like the trainer's
               ("batch", "kv_length", "kv_heads", "head_dim") constraint
 
-Not counted: gradients and activations of the update step (transient, set by rl.grad_accum and
-rematerialisation) and the replicated pixel rows of the batch.
+  logits      (shown apart, not in the total) the update step's float32 logits of one micro-batch:
+              rows / rl.grad_accum x rl.max_new_tokens x vocab, sharded like ("batch", "length",
+              "vocab"). The learner projects the response positions only; `logits_all` is what
+              projecting every prompt + response position would take.
+
+Not counted: the other gradients and activations of the update step (transient, set by
+rl.grad_accum and rematerialisation) and the replicated pixel rows of the batch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from zipr1_jax.sharding.rules import DEFAULT_RULES, fit_spec, opt_state_sharding
 
 GIB = 2**30
 KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
+LOGITS_AXES = ("batch", "length", "vocab")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +78,8 @@ class MemoryEstimate:
     opt_state: int
     reference: int
     kv_cache: int
+    logits: int = 0
+    logits_all: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -117,6 +125,13 @@ def kv_cache_bytes(*, layers: int, rows: int, capacity: int, kv_heads: int, head
     return 2 * layers * math.prod(shard) * np.dtype(dtype).itemsize + layers * rows * 4
 
 
+def logits_bytes(*, rows: int, length: int, vocab: int, mesh: AbstractMesh, rules: Rules = DEFAULT_RULES) -> int:
+    """Per-device bytes of float32 logits [rows, length, vocab] under the model's logits constraint."""
+    shape = (rows, length, vocab)
+    spec = fit_spec(logical_to_spec(LOGITS_AXES, rules), shape, mesh)
+    return math.prod(NamedSharding(mesh, spec).shard_shape(shape)) * 4
+
+
 def estimate(cfg, num_devices: int, *, target: Target | None = None, config_name: str = "",
              rules: Rules = DEFAULT_RULES) -> MemoryEstimate:
     """Per-device bytes of `cfg` (a TrainConfig; only shapes are used, no weights) on
@@ -137,10 +152,15 @@ def estimate(cfg, num_devices: int, *, target: Target | None = None, config_name
     kv_b = kv_cache_bytes(layers=t.num_hidden_layers, rows=cfg.data.batch_size * cfg.data.group_size,
                           capacity=max(cfg.data.length_buckets) + cfg.rl.max_new_tokens,
                           kv_heads=t.num_key_value_heads, head_dim=t.head_dim, dtype=mc.dtype, mesh=mesh, rules=rules)
+    micro_rows = max(cfg.data.batch_size * cfg.data.group_size // cfg.rl.grad_accum, 1)
+    logits_kw = dict(rows=micro_rows, vocab=t.vocab_size, mesh=mesh, rules=rules)
+    logits_b = logits_bytes(length=cfg.rl.max_new_tokens, **logits_kw)
+    logits_all_b = logits_bytes(length=max(cfg.data.length_buckets) + cfg.rl.max_new_tokens, **logits_kw)
     target = target or Target(name=f"{num_devices} devices", accelerator="?", num_devices=num_devices, hbm_gib=0.0)
     return MemoryEstimate(config=config_name or cfg.name, target=target, mesh=sizes, model=mc.name,
                           num_params=int(sum(x.size for x in jax.tree.leaves(params))), params=params_b,
-                          opt_state=opt_b, reference=params_b if uses_reference else 0, kv_cache=kv_b)
+                          opt_state=opt_b, reference=params_b if uses_reference else 0, kv_cache=kv_b,
+                          logits=logits_b, logits_all=logits_all_b)
 
 
 def default_estimates(config_dir: str | None = None, rows=DEFAULT_ROWS) -> list[MemoryEstimate]:
@@ -165,10 +185,10 @@ def markdown_table(estimates: list[MemoryEstimate]) -> str:
         return f"{b / GIB:.2f}"
 
     lines = ["| target | devices | config | mesh data x fsdp x tensor | params | optimizer | reference | "
-             "KV cache | total | HBM / device |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "KV cache | total | HBM / device | update logits (all positions) |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in estimates:
         lines.append(f"| {e.target.name} | {e.target.num_devices} | `{e.config}` | {e.mesh_str} | {gib(e.params)} | "
                      f"{gib(e.opt_state)} | {gib(e.reference)} | {gib(e.kv_cache)} | {gib(e.total)} | "
-                     f"{e.target.hbm_gib:g} |")
+                     f"{e.target.hbm_gib:g} | {gib(e.logits)} ({gib(e.logits_all)}) |")
     return "\n".join(lines)
