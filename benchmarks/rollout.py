@@ -15,7 +15,8 @@ side). Reported per case (text-only prompts, and prompts holding one image per r
     shared machine hits every column alike; the load average is reported with the results;
   - ours / HF throughput ratio and the greedy agreement (fraction of equal generated tokens; fp32
     on both sides, so it should be 1.0 — a real correctness check, not just a timing);
-  - sparse rollouts (every row p = 0.9, `model.sparse_prefill`) if the model has that hook.
+  - sparse rollouts (every row p = --sparse-p, default 0.9, `model.sparse_prefill`) if the model
+    has that hook, with the decode KV-cache slots they held versus the dense rollouts'.
 
     nice -n 10 python benchmarks/rollout.py [--batch 8 --prompt 64 --new 64 --repeats 3] [--write-md]
 
@@ -54,18 +55,19 @@ SPARSE_P = 0.9
 IMAGE_GRID = (1, 8, 8)  # 112x112 px -> 64 patches -> 16 merged image tokens per row
 NOTE = ("Reading: CPU timings of a TINY model, so they measure per-token overhead more than FLOPs: HF "
         "`generate` runs a Python loop with one eager torch forward per token (logits processors, "
-        "stopping criteria, a growing DynamicCache), ours is one compiled XLA program for the whole "
-        "rollout (prefill + `lax.while_loop` decode over a fixed-capacity cache), paid for by the jit "
-        "compile once per (prompt shape, image grid, SamplingConfig). Do not read the ratio as an "
-        "accelerator or real-size-model number: at real sizes both sides are matmul-bound and the gap "
-        "shrinks. Sparse rows: the top-p selection and KV compaction run in the prefill, and decode "
-        "still attends over the fixed-capacity cache with a length mask, so at this prompt length "
-        "sparse costs time instead of saving it; the gain is prefill FLOPs at long prompts "
-        "(see the sparse-attention section) and cache memory once the cache is allocated at the pruned "
-        "size. On this shared machine HF is very sensitive to other jobs: with all cores, torch's OpenMP "
-        "regions wait for threads whose core another process took, so its time swings by 10x run to run, "
-        "while one thread is stable; our XLA program varies by about +-20%. On a quieter machine the "
-        "all-core HF column is the one to compare with and the ratio is smaller than under load.\n")
+        "stopping criteria, a growing DynamicCache), ours is two compiled XLA programs per rollout (the "
+        "prefill, then a `lax.while_loop` decode over a static-capacity cache), paid for by jit compiles "
+        "once per (prompt shape, image grid, SamplingConfig, cache capacity). Do not read the ratio as "
+        "an accelerator or real-size-model number: at real sizes both sides are matmul-bound and the gap "
+        "shrinks. Sparse column: the top-p selection and KV compaction run in the prefill; the decode "
+        "cache is then allocated at the kept size (rounded up to 1/8 of the prompt) plus the new tokens, "
+        "so decode holds and reads fewer slots (the KV slots in brackets); selection costs prefill time, "
+        "so short prompts and high p gain little or lose (this random tiny model attends nearly "
+        "uniformly: the token ratio is about p). On this shared machine HF is very sensitive to other "
+        "jobs: with all cores, torch's OpenMP regions wait for threads whose core another process took, "
+        "so its time swings by 10x run to run, while one thread is stable; our XLA program varies by "
+        "about +-20%. On a quieter machine the all-core HF column is the one to compare with and the "
+        "ratio is smaller than under load.\n")
 
 
 # ---------------------------------------------------------------------- model + prompts
@@ -182,7 +184,7 @@ def bench_case(name: str, hf, ours, cfg: C.QwenVLConfig, args, *, image: bool) -
     for n in args.threads:
         runners[f"hf@{n}"] = hf_runner(hf, p, new=args.new, eos_id=never, pad_id=cfg.pad_token_id, threads=n)
     if hasattr(ours, SPARSE_PREFILL_METHOD):
-        runners["sparse"] = ours_runner(ours, p, sampling, p_B=np.full(args.batch, SPARSE_P, np.float32))
+        runners["sparse"] = ours_runner(ours, p, sampling, p_B=np.full(args.batch, args.sparse_p, np.float32))
     print(f"[{name}]", flush=True)
     res = time_interleaved(runners, repeats=args.repeats)
     ours_tok = np.asarray(res["ours"]["out"].tokens_BT)
@@ -207,7 +209,8 @@ def bench_case(name: str, hf, ours, cfg: C.QwenVLConfig, args, *, image: bool) -
         sparse = res["sparse"]
         row.update(sparse_tok_s=n_tokens / sparse["steady_s"],
                    sparse_compile_s=max(sparse["first_s"] - sparse["steady_s"], 0.0),
-                   sparse_token_ratio=float(np.mean(np.asarray(sparse["out"].token_ratio_B))))
+                   sparse_token_ratio=float(np.mean(np.asarray(sparse["out"].token_ratio_B))),
+                   sparse_p=args.sparse_p, sparse_kv=sparse["out"].kv_capacity, dense_kv=dense["out"].kv_capacity)
     return row
 
 
@@ -216,10 +219,12 @@ def table(rows: list[dict]) -> str:
     threads = list(rows[0]["hf_by_threads"])
     hf_cols = " | ".join(f"HF tok/s ({n} thr)" for n in threads)
     lines = [f"| case | B x (prompt + new) | ours compile s | ours s / rollout | ours tok/s | {hf_cols} | "
-             f"ours / best HF | greedy agreement | sparse p={SPARSE_P} tok/s (token ratio) |",
+             f"ours / best HF | greedy agreement | sparse p={rows[0].get('sparse_p', SPARSE_P)} tok/s (token ratio; "
+             "decode KV slots sparse / dense) |",
              "|" + "---|" * (8 + len(threads))]
     for r in rows:
-        sparse = (f"{r['sparse_tok_s']:.0f} ({r['sparse_token_ratio']:.2f})" if "sparse_tok_s" in r
+        sparse = (f"{r['sparse_tok_s']:.0f} ({r['sparse_token_ratio']:.2f}; {r.get('sparse_kv', '?')} / "
+                  f"{r.get('dense_kv', '?')})" if "sparse_tok_s" in r
                   else "n/a (no `sparse_prefill`)")
         hf = " | ".join(f"{r['hf_by_threads'][n]:.0f}" for n in threads)
         lines.append(f"| {r['case']} | {r['batch']} x ({r['prompt']} + {r['new']}) | {r['ours_compile_s']:.1f} | "
@@ -247,7 +252,8 @@ def write_section(result: dict, args, path: str | None = None) -> str:
     cfg = result["config"]
     t = cfg.text
     cmd = (f"nice -n 10 python benchmarks/rollout.py --batch {args.batch} --prompt {args.prompt} --new {args.new} "
-           f"--repeats {args.repeats} --threads {','.join(map(str, args.threads))} --write-md")
+           f"--repeats {args.repeats} --threads {','.join(map(str, args.threads))} --sparse-p {args.sparse_p}"
+           f"{' --no-image' if args.no_image else ''} --write-md")
     body = (f"{SECTION}\n\n"
             f"Command: `{cmd}` (run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"{result['machine']}).\n"
@@ -282,6 +288,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", default=None,
                     help="comma-separated torch thread counts to time HF with (default: '<cores>,1'); on a "
                          "shared machine one thread can beat all cores by far (OpenMP waits on stolen cores)")
+    ap.add_argument("--sparse-p", type=float, default=SPARSE_P, help="top-p threshold of the sparse rollouts")
     ap.add_argument("--no-image", action="store_true", help="skip the image-prompt case")
     ap.add_argument("--write-md", action="store_true", help="update the section of BENCHMARKS.md in place")
     args = ap.parse_args(argv)

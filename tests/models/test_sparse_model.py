@@ -243,6 +243,26 @@ def test_sparse_rollout_matches_learner_forward(tiny):
     ratio = np.asarray(out.token_ratio_B)
     assert (ratio[:2] < 0.9).all() and ratio[2] == 1.0
 
+    # The rollout hands out its kept sets; the learner's forward with them (no re-selection) is the
+    # same forward, and a p = 1 row keeps every valid prompt key.
+    keep_BYL = np.asarray(out.keep_BYL)
+    assert keep_BYL.shape == (B, cfg.text.num_hidden_layers, L) and keep_BYL.dtype == bool
+    np.testing.assert_array_equal(keep_BYL[2], np.broadcast_to(mask[2] > 0, keep_BYL[2].shape))
+    np.testing.assert_allclose(keep_BYL.sum(-1) / mask.sum(1)[:, None], np.asarray(out.layer_ratio_BY), rtol=1e-6)
+
+    @nnx.jit
+    def learner_with_kept(m, full_ids, full_mask, pos, px, kept):
+        return m.sparse_forward(full_ids, sparsity=SPARSITY, p_B=p, rng=None, attention_mask_BL=full_mask,
+                                position_ids_3BL=pos, select_end=L, pixel_values=px, image_grid_thw=grid,
+                                kept_BYE=kept, logits_slice=(L - 1, L + T_NEW - 1))
+
+    given = learner_with_kept(m, *map(jnp.asarray, (full_ids, full_mask, pos, pix)), jnp.asarray(keep_BYL))
+    np.testing.assert_allclose(np.asarray(given.logits), np.asarray(fwd.logits[:, L - 1:]), atol=TOL, rtol=TOL)
+    np.testing.assert_array_equal(np.asarray(given.layer_ratio_BY), np.asarray(out.layer_ratio_BY))
+    with pytest.raises(ValueError, match=r"kept_BYE must have shape"):
+        m.sparse_forward(jnp.asarray(full_ids), sparsity=SPARSITY, p_B=p, attention_mask_BL=jnp.asarray(full_mask),
+                         select_end=L, kept_BYE=jnp.asarray(keep_BYL[:, :, 1:]))
+
     # The pruned cache: per-layer length = kept count, kept entries at the front, zeros after.
     np.testing.assert_allclose(np.asarray(ratio_BY), np.asarray(out.layer_ratio_BY), rtol=1e-6)
     length_YB = np.asarray(cache.length)

@@ -225,3 +225,43 @@ def test_greedy_equals_full_forward_with_images():
         want.append(tok)
         buf[:, L + i], buf_mask[:, L + i] = tok, 1
     np.testing.assert_array_equal(np.asarray(out.tokens_BT), np.stack(want, 1))
+
+
+def test_decode_capacity_golden():
+    from zipr1_jax.rl.rollout import decode_capacity
+
+    # L = 100, 8 steps: unit 13 -> kept 24 -> 26 slots (+ T); a full prompt stays 100; steps=1: always L.
+    assert decode_capacity(24, 100, 16, 8) == 26 + 16
+    assert decode_capacity(26, 100, 16, 8) == 26 + 16
+    assert decode_capacity(27, 100, 16, 8) == 39 + 16
+    assert decode_capacity(100, 100, 16, 8) == 100 + 16
+    assert decode_capacity(99, 100, 16, 8) == 100 + 16  # 8 x 13 = 104 is capped at L
+    assert decode_capacity(0, 100, 16, 8) == 13 + 16
+    assert decode_capacity(3, 100, 16, 1) == 100 + 16
+    with pytest.raises(RolloutError, match="outside"):
+        decode_capacity(101, 100, 16, 8)
+    with pytest.raises(RolloutError, match="cache_steps"):
+        SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, cache_steps=0)
+
+
+def test_pruned_decode_cache_equals_full_capacity(tiny):
+    """A sparse prefill keeps fewer prompt entries: the decode cache shrinks to them (rounded up to
+    1/8 of L) and sampling is unchanged versus a decode over the whole-prompt capacity."""
+    from zipr1_jax.kernels.sparse_attention import SelectionConfig, SparsityConfig
+
+    _, m = tiny
+    ids, mask = _prompts(seed=3, lengths=(40, 33, 37))
+    sparsity = SparsityConfig(backend="xla", capacity_buckets=(1.0,),
+                              selection=SelectionConfig(probe_recent=0.1, probe_random=0.1, min_probes=2))
+    p_B = jnp.asarray([0.5, 0.6, 0.7], jnp.float32)
+    key = jax.random.key(5)
+    runs = {steps: generate(m, ids, mask, key, config=_cfg(temperature=1.0, cache_steps=steps), p_B=p_B,
+                            sparsity=sparsity) for steps in (1, 8)}
+    full, pruned = runs[1], runs[8]
+    assert full.kv_capacity == 40 + T_NEW
+    assert pruned.kv_capacity < full.kv_capacity
+    np.testing.assert_array_equal(np.asarray(pruned.tokens_BT), np.asarray(full.tokens_BT))
+    np.testing.assert_allclose(np.asarray(pruned.logprobs_BT), np.asarray(full.logprobs_BT), rtol=1e-5, atol=1e-5)
+    # Dense rollouts: the longest row fills the prompt, so the capacity is L + T.
+    dense = generate(m, ids, mask, key, config=_cfg(temperature=1.0), p_B=None)
+    assert dense.kv_capacity == 40 + T_NEW

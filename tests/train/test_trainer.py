@@ -49,7 +49,7 @@ def test_end_to_end_outputs(full_run):
     sft, rl = _records(out, "sft"), _records(out, "rl")
     assert sorted(sft) == [1, 2, 3] and sorted(rl) == [4, 5]
     for r in rl.values():
-        for key in ("loss", "reward", "accuracy", "token_ratio", "kl", "clip_frac", "grad_norm", "lr"):
+        for key in ("loss", "reward", "accuracy", "token_ratio", "kl", "clip_frac", "grad_norm", "lr", "kv_fraction"):
             assert r[key] is not None and math.isfinite(r[key]), key
         assert 0.0 < r["token_ratio"] < 1.0  # sparse rollouts at p in {0.9, 0.95}
         # The learner recomputes the rollout's log-probs with the same kept sets (same p, same

@@ -8,8 +8,11 @@
 Prompts are LEFT padded (every row's last prompt token sits in the last column). Position ids and
 M-RoPE deltas are computed on the host before jit (vision prompts need concrete ids and grids); the
 image grids are static jit arguments because they fix the vision tower's shapes. There is no Python
-loop over tokens: the whole prefill + decode loop is one compiled program per (prompt shape,
-grid, SamplingConfig).
+loop over tokens: one compiled prefill per (prompt shape, grid, sparsity) and one compiled decode
+loop per (prompt shape, SamplingConfig, cache capacity). The capacity is read back after the
+prefill (one scalar): a pruned prefill's decode cache holds only the kept prompt entries (rounded
+up to the next 1/cache_steps of the prompt length) plus the new tokens, so KV-cache pruning saves
+decode memory and time for real, not just in the per-row lengths.
 
 Log-probs returned are those of the sampled token under the temperature-scaled FULL distribution,
 `log_softmax(logits / T)` (T = 1 for greedy), i.e. the policy the learner recomputes; top-k/top-p
@@ -30,13 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from zipr1_jax.models.qwen_vl.cache import KVCache
 from zipr1_jax.typing import Array, Bool, Float, Int
 
 # The hook a sparse-capable model implements. Signature expected by `_prefill`:
 #   model.sparse_prefill(input_ids_BL, *, capacity, attention_mask_BL, position_ids_3BL, rope_deltas_B,
-#                        p_B, rng, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-#     -> (last_logits_BV, cache: KVCache (compacted kept entries, per-layer lengths), layer_ratio_BY)
-# where layer_ratio_BY[b, y] = kept keys / valid prompt length of row b in layer y.
+#                        p_B, rng, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+#                        return_keep=True)
+#     -> (last_logits_BV, cache: KVCache (compacted kept entries, per-layer lengths), layer_ratio_BY, keep_BYL)
+# where layer_ratio_BY[b, y] = kept keys / valid prompt length of row b in layer y and keep_BYL the
+# kept prompt keys of every layer.
 SPARSE_PREFILL_METHOD = "sparse_prefill"
 
 
@@ -54,6 +60,11 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    # Decode KV-cache capacity: the longest kept prompt (over rows and layers) rounded up to the
+    # next 1/cache_steps of the prompt length, plus max_new_tokens. A pruned (sparse) prefill then
+    # decodes over, and holds, only what it kept; at most `cache_steps` decode programs compile per
+    # prompt shape. 1: always the whole prompt length.
+    cache_steps: int = 8
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -67,6 +78,8 @@ class SamplingConfig:
             raise RolloutError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RolloutError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if isinstance(self.cache_steps, bool) or not isinstance(self.cache_steps, int) or self.cache_steps < 1:
+            raise RolloutError(f"SamplingConfig.cache_steps must be an int >= 1, got {self.cache_steps!r}")
 
     @property
     def greedy(self) -> bool:
@@ -78,7 +91,10 @@ class RolloutOutput:
     """tokens_BT: generated ids, `pad_id` after a row stopped; logprobs_BT: log pi(token), 0 where
     masked; mask_BT: True on generated tokens (the stop token included); lengths_B: their count;
     finished_B: the row emitted a stop token; token_ratio_B / layer_ratio_BY: prefill kept fraction
-    (mean over layers / per layer); p_B: the thresholds used (1.0 = dense)."""
+    (mean over layers / per layer); p_B: the thresholds used (1.0 = dense); keep_BYL: the prompt
+    keys each layer kept (sparse rollouts; None for dense ones), which the learner reuses so its
+    log-probs see exactly the sampler's attention; kv_capacity: slots per
+    row and layer of the decode KV cache (static; see SamplingConfig.cache_steps)."""
 
     tokens_BT: Int[Array, "B T"]
     logprobs_BT: Float[Array, "B T"]
@@ -88,6 +104,8 @@ class RolloutOutput:
     token_ratio_B: Float[Array, "B"]
     layer_ratio_BY: Float[Array, "B Y"]
     p_B: Float[Array, "B"]
+    keep_BYL: Bool[Array, "B Y L"] | None = None
+    kv_capacity: int = struct.field(pytree_node=False, default=0)
 
 
 # ---------------------------------------------------------------------- pure sampling functions
@@ -171,30 +189,58 @@ def _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, capacity
     if p_B is None:
         logits_BV, cache, _ = model.prefill(input_ids_BL, capacity=capacity, attention_mask_BL=mask_BL,
                                             position_ids_3BL=pos_3BL, rope_deltas_B=deltas_B, **vision)
-        return logits_BV, cache, jnp.ones((B, n_layers), jnp.float32)
+        return logits_BV, cache, jnp.ones((B, n_layers), jnp.float32), None
     hook = getattr(model, SPARSE_PREFILL_METHOD, None)
     if hook is None:
         raise NotImplementedError(
             f"per-row sparsity p_B was given but {type(model).__name__} has no `{SPARSE_PREFILL_METHOD}` method "
             "(the sparse prefill hook described in zipr1_jax/rl/rollout.py); pass p_B=None for dense rollouts")
     extra = {} if sparsity is None else {"sparsity": sparsity}
-    logits_BV, cache, layer_ratio_BY = hook(input_ids_BL, capacity=capacity, attention_mask_BL=mask_BL,
-                                            position_ids_3BL=pos_3BL, rope_deltas_B=deltas_B, p_B=p_B, rng=rng,
-                                            **vision, **extra)
-    return logits_BV, cache, layer_ratio_BY.astype(jnp.float32)
+    logits_BV, cache, layer_ratio_BY, keep_BYL = hook(
+        input_ids_BL, capacity=capacity, attention_mask_BL=mask_BL, position_ids_3BL=pos_3BL, rope_deltas_B=deltas_B,
+        p_B=p_B, rng=rng, return_keep=True, **vision, **extra)
+    return logits_BV, cache, layer_ratio_BY.astype(jnp.float32), keep_BYL
 
 
-def _generate_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, pixel_values,
-                   pixel_values_videos, *, image_grid, video_grid, config: SamplingConfig, sparsity=None):
+def decode_capacity(max_kept: int, L: int, T: int, steps: int) -> int:
+    """Decode cache slots: `max_kept` prompt entries rounded up to the next multiple of
+    ceil(L / steps) (at most L), plus room for the T generated tokens."""
+    if not 0 <= max_kept <= L:
+        raise RolloutError(f"kept prompt entries {max_kept} outside [0, L={L}]")
+    unit = -(-L // steps)
+    return min(L, -(-max(max_kept, 1) // unit) * unit) + T
+
+
+def _prefill_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, pixel_values,
+                  pixel_values_videos, *, image_grid, video_grid, sparsity=None):
+    """Prompt pass: (last logits, KV cache with exactly L slots, layer ratios, kept sets (None when
+    dense), longest kept length)."""
     model = nnx.merge(graphdef, state)
-    B, L = input_ids_BL.shape
-    T = config.max_new_tokens
     vision = dict(pixel_values=pixel_values, image_grid_thw=None if image_grid is None else np.asarray(image_grid),
                   pixel_values_videos=pixel_values_videos,
                   video_grid_thw=None if video_grid is None else np.asarray(video_grid))
-    rng_select, rng_sample = jax.random.split(rng)
-    logits_BV, cache, layer_ratio_BY = _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng_select,
-                                                L + T, vision, sparsity)
+    rng_select, _ = jax.random.split(rng)
+    logits_BV, cache, layer_ratio_BY, keep_BYL = _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B,
+                                                          rng_select, input_ids_BL.shape[1], vision, sparsity)
+    return logits_BV, cache, layer_ratio_BY, keep_BYL, jnp.max(cache.length)
+
+
+def _resize(cache: KVCache, capacity: int) -> KVCache:
+    """The first min(capacity, S) slots of every layer and row, zero-padded to `capacity`."""
+    S = cache.k.shape[2]
+    keep = min(capacity, S)
+    pad = ((0, 0), (0, 0), (0, capacity - keep), (0, 0), (0, 0))
+    return KVCache(k=jnp.pad(cache.k[:, :, :keep], pad), v=jnp.pad(cache.v[:, :, :keep], pad), length=cache.length)
+
+
+def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, config: SamplingConfig,
+                 capacity: int):
+    """Sample token 0 from the prefill logits, then the `lax.while_loop` of cached decode steps."""
+    model = nnx.merge(graphdef, state)
+    B = mask_BL.shape[0]
+    T = config.max_new_tokens
+    _, rng_sample = jax.random.split(rng)
+    cache = _resize(cache, capacity)
     eos_E = jnp.asarray(config.eos_ids, jnp.int32)
     # Position of generated token i: (valid prompt length + i) + rope delta. Tracked here, not read
     # from the cache, because a sparse cache holds fewer entries than the tokens it has seen.
@@ -229,13 +275,14 @@ def _generate_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_
 
     carry = (jnp.asarray(1, jnp.int32), cache, tok0_B, tokens_BT, logprobs_BT, done_B, mask_BT)
     _, _, _, tokens_BT, logprobs_BT, done_B, mask_BT = jax.lax.while_loop(cond, body, carry)
-    return RolloutOutput(tokens_BT=tokens_BT, logprobs_BT=logprobs_BT, mask_BT=mask_BT,
-                         lengths_B=jnp.sum(mask_BT, axis=1).astype(jnp.int32), finished_B=done_B,
-                         token_ratio_B=jnp.mean(layer_ratio_BY, axis=1), layer_ratio_BY=layer_ratio_BY,
-                         p_B=jnp.ones((B,), jnp.float32) if p_B is None else p_B.astype(jnp.float32))
+    return tokens_BT, logprobs_BT, mask_BT, done_B
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "image_grid", "video_grid", "config", "sparsity"))
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid", "video_grid", "sparsity"))
+_decode_jit = jax.jit(_decode_impl, static_argnames=("graphdef", "config", "capacity"))
+# Off CPU the prompt-sized cache is donated to the decode program, so the pruned one replaces it.
+_decode_jit_donating = jax.jit(_decode_impl, static_argnames=("graphdef", "config", "capacity"),
+                               donate_argnames=("cache",))
 
 
 def _static_grid(grid) -> tuple[tuple[int, ...], ...] | None:
@@ -288,9 +335,22 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
         if p_B.shape != (ids.shape[0],):
             raise RolloutError(f"p_B must have shape ({ids.shape[0]},), got {p_B.shape}")
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, jnp.asarray(ids, jnp.int32), mask, jnp.asarray(position_ids_3BL, jnp.int32),
-                         jnp.asarray(rope_deltas_B, jnp.int32), p_B, rng,
-                         None if pixel_values is None else jnp.asarray(pixel_values),
-                         None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
-                         image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw),
-                         config=config, sparsity=sparsity)
+    ids = jnp.asarray(ids, jnp.int32)
+    deltas = jnp.asarray(rope_deltas_B, jnp.int32)
+    logits_BV, cache, layer_ratio_BY, keep_BYL, max_kept = _prefill_jit(
+        graphdef, state, ids, mask, jnp.asarray(position_ids_3BL, jnp.int32), deltas, p_B, rng,
+        None if pixel_values is None else jnp.asarray(pixel_values),
+        None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
+        image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw), sparsity=sparsity)
+    L, T = ids.shape[1], config.max_new_tokens
+    # One host read of a replicated scalar picks the decode program (the only sync of a rollout).
+    capacity = decode_capacity(int(jax.device_get(max_kept)), L, T, config.cache_steps)
+    decode = _decode_jit if jax.default_backend() == "cpu" else _decode_jit_donating
+    tokens_BT, logprobs_BT, mask_BT, done_B = decode(graphdef, state, logits_BV, cache, mask, deltas, rng,
+                                                     config=config, capacity=capacity)
+    B = ids.shape[0]
+    return RolloutOutput(tokens_BT=tokens_BT, logprobs_BT=logprobs_BT, mask_BT=mask_BT,
+                         lengths_B=jnp.sum(mask_BT, axis=1).astype(jnp.int32), finished_B=done_B,
+                         token_ratio_B=jnp.mean(layer_ratio_BY, axis=1), layer_ratio_BY=layer_ratio_BY,
+                         p_B=jnp.ones((B,), jnp.float32) if p_B is None else p_B.astype(jnp.float32),
+                         keep_BYL=keep_BYL, kv_capacity=capacity)

@@ -79,8 +79,10 @@ def _sequence_logprobs(params, seq, vision, p_R, sel_rng, *, graphdef, grids, sp
     # Only those are projected to the vocabulary (at 152k entries the prompt's logits would dominate memory).
     window = (L - 1, L + T - 1)
     if sparsity is not None:
+        # The rollout's kept sets (when given) rather than a re-selection: see models/qwen_vl/sparse.py.
         out = model.sparse_forward(seq["ids"], sparsity=sparsity, p_B=p_R, rng=sel_rng, attention_mask_BL=seq["mask"],
-                                   position_ids_3BL=seq["pos"], select_end=L, logits_slice=window, **kw)
+                                   position_ids_3BL=seq["pos"], select_end=L, logits_slice=window,
+                                   kept_BYE=seq.get("keep"), **kw)
         ratio_R = out.token_ratio_B
     else:
         out = model(seq["ids"], attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], logits_slice=window, **kw)
@@ -209,12 +211,17 @@ class GRPOLearner:
 
         seq, L = self.sequences(batch, out)
         vision, grids = vision_arrays(batch)
-        rows = put_rows(pl, {"ids": seq["ids"], "mask": seq["mask"], "adv": adv_R.astype(np.float32),
-                             "p": np.ones(R, np.float32) if p_np is None else p_np.astype(np.float32),
-                             "rollout_logp": np.asarray(out.logprobs_BT, np.float32)})
+        host_rows = {"ids": seq["ids"], "mask": seq["mask"], "adv": adv_R.astype(np.float32),
+                     "p": np.ones(R, np.float32) if p_np is None else p_np.astype(np.float32),
+                     "rollout_logp": np.asarray(out.logprobs_BT, np.float32)}
+        if c.sparse and out.keep_BYL is not None:
+            host_rows["keep"] = np.asarray(out.keep_BYL, bool)  # [R, Y, L]: the sampler's kept prompt keys
+        rows = put_rows(pl, host_rows)
         pos = jax.device_put(seq["pos"], pl.replicated)
         vision = pl.replicate(vision)
         seq_d = {"ids": rows["ids"], "mask": rows["mask"], "pos": pos}
+        if "keep" in rows:
+            seq_d["keep"] = rows["keep"]
         sel_rng = replicate(pl, sel_rng)
         static = dict(graphdef=self.graphdef, grids=grids, sparsity=c.sparsity if c.sparse else None, L=L,
                       temperature=c.sampling.temperature)
@@ -239,7 +246,9 @@ class GRPOLearner:
                        efficiency=float(rewards["efficiency"].mean()), gate=float(rewards["gate"].mean()),
                        token_ratio=float(ratio_R.mean()), response_length=float(lengths.mean()),
                        finished=float(np.asarray(out.finished_B).mean()),
-                       adv_abs=float(np.abs(adv_R).mean()))
+                       adv_abs=float(np.abs(adv_R).mean()),
+                       # decode KV-cache slots held vs a whole-prompt cache (prompt + new tokens)
+                       kv_fraction=float(out.kv_capacity / seq["ids"].shape[1]))
         for name, _ in c.extra_rewards:
             metrics[f"reward_{name}"] = float(rewards[name].mean())
         layer_ratio = np.asarray(out.layer_ratio_BY).mean(axis=0)

@@ -13,7 +13,11 @@ Two entry points, attached to `QwenVLForConditionalGeneration` through `SparseMi
 
 Both use the per-layer selection key `jax.random.fold_in(rng, y)`. Because attention is causal, the
 prompt columns of `sparse_forward(prompt + response, select_end=L_prompt)` see exactly what the
-prefill saw, so they pick identical kept sets and the learner's log-probs equal the rollout's.
+prefill saw, so they pick the same kept sets. The learner does not rely on that recomputation:
+`sparse_prefill(..., return_keep=True)` hands the rollout's kept sets out and
+`sparse_forward(..., kept_BYE=)` reuses them, so a near-tie at the top-p cut (two differently
+shaped float computations) cannot flip a key between sampler and learner, and the learner skips
+the selection work.
 
 Token ratios (METHOD 1.6):
   layer_ratio_BY[b, y] = kept prompt keys / valid prompt keys of row b in layer y (the [0, E) slice;
@@ -71,6 +75,16 @@ def layer_keep(q_BLNH: Float[Array, "B L N H"], k_BLKH: Float[Array, "B L K H"],
     return keep_BL, sel.token_ratio_B
 
 
+def given_keep(kept_BE: Bool[Array, "B E"], valid_BL: Bool[Array, "B L"]
+               ) -> tuple[Bool[Array, "B L"], Float[Array, "B"]]:
+    """`layer_keep`'s result from a kept set chosen earlier over the first E columns (the rollout's)."""
+    E = kept_BE.shape[1]
+    keep_BE = jnp.asarray(kept_BE, bool) & valid_BL[:, :E]
+    n_valid_B = valid_BL[:, :E].sum(axis=1).astype(jnp.float32)
+    ratio_B = jnp.where(n_valid_B > 0, keep_BE.sum(axis=1) / jnp.maximum(n_valid_B, 1.0), 0.0)
+    return jnp.concatenate([keep_BE, valid_BL[:, E:]], axis=1), ratio_B.astype(jnp.float32)
+
+
 def attend_kept(q_BLNH, k_BLKH, v_BLKH, keep_BL: Bool[Array, "B L"], *, sparsity: SparsityConfig):
     """`sparse_attention` of every query over the kept keys (mode / backend / buckets of `sparsity`)."""
     sel = compact(keep_BL, keep_BL)
@@ -110,6 +124,15 @@ def _check_p(p_B, B: int, sparsity: SparsityConfig) -> jax.Array:
     return jnp.asarray(p_B, jnp.float32)
 
 
+def _check_kept(kept_BYE, B: int, Y: int, E: int, keep_fn):
+    if keep_fn is not None:
+        raise ValueError("kept_BYE (kept sets chosen earlier) and keep_fn (a keep rule) exclude each other")
+    if jnp.shape(kept_BYE) != (B, Y, E):
+        raise ValueError(f"kept_BYE must have shape (B, layers, E) = {(B, Y, E)} (E = select_end), "
+                         f"got {tuple(jnp.shape(kept_BYE))}")
+    return kept_BYE
+
+
 def _check_select_end(select_end, L: int) -> int | None:
     if select_end is None:
         return None
@@ -131,7 +154,7 @@ class SparseMixin:
     """
 
     def _sparse_trunk(self, input_ids_BL, *, sparsity, p_B, rng, attention_mask_BL, position_ids_3BL, select_end,
-                      vision, keep_fn=None):
+                      vision, keep_fn=None, kept_BYE=None):
         """Embed + decoder stack with per-layer selection. Returns (h_BLD, valid_BL, records) where
         records[y] = (keep_BL, ratio_B | None (dense), k_BLKH, v_BLKH)."""
         x_BLD = self.embed(input_ids_BL, **vision)
@@ -144,6 +167,8 @@ class SparseMixin:
         mask_BLS = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
         records = {}
         keep_fn = getattr(self, "keep_fn", None) if keep_fn is None else keep_fn
+        if kept_BYE is not None:
+            kept_BYE = _check_kept(kept_BYE, B, len(self.layers), L if E is None else E, keep_fn)
         layer_fn = None if keep_fn is None else keep_fn(
             input_ids_BL=input_ids_BL, valid_BL=valid_BL, p_B=p_B, select_end=E, sparsity=sparsity,
             model_config=self.config)
@@ -152,6 +177,8 @@ class SparseMixin:
             def attend(q_BLNH, k_BLKH, v_BLKH, mask):
                 if layer_fn is not None:
                     kept = layer_fn(y, q_BLNH, k_BLKH, layer_rng(rng, y))
+                elif kept_BYE is not None and sparsity.is_sparse_layer(y):
+                    kept = given_keep(kept_BYE[:, y], valid_BL)
                 elif sparsity.is_sparse_layer(y):
                     kept = layer_keep(q_BLNH, k_BLKH, valid_BL, p_B, selection=sparsity.selection,
                                       rng=layer_rng(rng, y), select_end=E)
@@ -178,7 +205,7 @@ class SparseMixin:
     def sparse_forward(self, input_ids_BL, *, sparsity: SparsityConfig | None = None, p_B=None, rng=None,
                        attention_mask_BL=None, position_ids_3BL=None, select_end: int | None = None,
                        pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                       second_per_grid_ts=None, keep_fn=None,
+                       second_per_grid_ts=None, keep_fn=None, kept_BYE=None,
                        logits_slice: tuple[int, int] | None = None) -> SparseOutput:
         """Full causal forward with ZipR1 sparse attention in the selected decoder layers.
 
@@ -192,6 +219,8 @@ class SparseMixin:
             >= E (the response) are always kept. None: E = L.
           pixel_values, image_grid_thw, ...: vision inputs as for `__call__`.
           keep_fn: optional alternative keep rule (module docstring); None: `self.keep_fn` if set.
+          kept_BYE: optional bool [B, Y, E]: use these kept sets of the first E columns (e.g. a
+            rollout's, `sparse_prefill(return_keep=True)`) instead of selecting; sparse layers only.
           logits_slice: static (start, stop): logits of positions [start, stop) only (as `__call__`).
         Returns:
           SparseOutput(logits [B, L, V] float32 (or [B, stop - start, V]), token_ratio_B [B],
@@ -206,7 +235,7 @@ class SparseMixin:
         h_BLD, _, records = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
                                                attention_mask_BL=attention_mask_BL,
                                                position_ids_3BL=position_ids_3BL, select_end=select_end,
-                                               vision=vision, keep_fn=keep_fn)
+                                               vision=vision, keep_fn=keep_fn, kept_BYE=kept_BYE)
         layer_ratio_BY = self._layer_ratios(records, h_BLD.shape[0])
         return SparseOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)), token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
                             layer_ratio_BY=layer_ratio_BY)
@@ -214,7 +243,7 @@ class SparseMixin:
     def sparse_prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,
                        rope_deltas_B=None, p_B=None, rng=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                       sparsity: SparsityConfig | None = None, keep_fn=None):
+                       sparsity: SparsityConfig | None = None, keep_fn=None, return_keep: bool = False):
         """Sparse prompt pass filling a pruned KV cache (the rollout hook, zipr1_jax/rl/rollout.py).
 
         Selection covers the whole prompt (E = L) with the same per-layer keys as `sparse_forward`.
@@ -225,7 +254,8 @@ class SparseMixin:
           (last_logits_BV float32 at each row's last valid position,
            KVCache: layer y row b holds its kept entries at the front in original order,
              length[y, b] = kept count (all valid tokens for dense layers),
-           layer_ratio_BY [B, Y]).
+           layer_ratio_BY [B, Y]), plus keep_BYL (bool, every layer's kept prompt keys; all valid
+           keys for dense layers) when `return_keep`.
         """
         sparsity = _check_sparsity(self, sparsity)
         L = jnp.shape(input_ids_BL)[1]
@@ -250,4 +280,7 @@ class SparseMixin:
         # Each row's last valid token (the last column under left padding; any mask works).
         last_B = jnp.max(jnp.where(valid_BL, jnp.arange(L)[None], 0), axis=1)
         h_B1D = jnp.take_along_axis(h_BLD, last_B[:, None, None], axis=1)
-        return self._logits(h_B1D)[:, 0], cache, self._layer_ratios(records, B)
+        out = (self._logits(h_B1D)[:, 0], cache, self._layer_ratios(records, B))
+        if return_keep:
+            out += (jnp.stack([keep for keep, _, _, _ in records], axis=1),)
+        return out
