@@ -272,6 +272,43 @@ def test_sparse_rollout_matches_learner_forward(tiny):
     assert (k_norm_YBS[live_YBS] > 0).all() and (k_norm_YBS[~live_YBS] == 0).all()
 
 
+def test_generated_vision_pad_stays_text(tiny):
+    """A policy may GENERATE an image pad token. With vision_end / select_end = prompt length it keeps
+    its token embedding (as in the sampler's decode) and does not shift the image features of the
+    rows after it; without the limit the pad count no longer matches the images (clear error)."""
+    cfg, m = tiny
+    img = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+    rng = np.random.default_rng(9)
+    ids, mask = _left_pad([img + rng.integers(0, 250, 5).tolist(), img + rng.integers(0, 250, 3).tolist()])
+    B, L = ids.shape
+    resp = rng.integers(0, 250, (B, 4)).astype(np.int32)
+    resp[0, 1] = cfg.image_token_id  # row 0 generated a pad token, before row 1's image in row-major order
+    full_ids, full_mask = np.concatenate([ids, resp], 1), np.concatenate([mask, np.ones((B, 4), np.int32)], 1)
+    clean_ids = full_ids.copy()
+    clean_ids[0, L + 1] = 7
+    grid = np.array([[1, 4, 4], [1, 4, 4]])
+    pix = jnp.asarray(rng.normal(size=(32, cfg.vision.patch_dim)), jnp.float32)
+    x = np.asarray(m.embed(jnp.asarray(full_ids), pixel_values=pix, image_grid_thw=grid, vision_end=L))
+    x_clean = np.asarray(m.embed(jnp.asarray(clean_ids), pixel_values=pix, image_grid_thw=grid, vision_end=L))
+    np.testing.assert_array_equal(x[1], x_clean[1])  # row 1's image features did not move
+    np.testing.assert_array_equal(x[0, L + 1], np.asarray(m.embed_tokens.embedding[...])[cfg.image_token_id])
+    with pytest.raises(ValueError, match="image pad tokens do not match: 9 pad tokens"):
+        m.embed(jnp.asarray(full_ids), pixel_values=pix, image_grid_thw=grid)
+    pos_3BL, deltas_B = m.position_ids(ids, mask, grid)  # the prompt's; the response continues as text
+    resp_pos_BT = mask.sum(1)[:, None] + np.arange(4)[None] + np.asarray(deltas_B)[:, None]
+    pos = np.concatenate([np.asarray(pos_3BL), np.broadcast_to(resp_pos_BT[None], (3, B, 4))], axis=2)
+    kw = dict(attention_mask_BL=jnp.asarray(full_mask), position_ids_3BL=jnp.asarray(pos), pixel_values=pix,
+              image_grid_thw=grid)
+    dense = m(jnp.asarray(full_ids), vision_end=L, **kw).logits
+    dense_clean = m(jnp.asarray(clean_ids), vision_end=L, **kw).logits
+    np.testing.assert_allclose(np.asarray(dense[1]), np.asarray(dense_clean[1]), rtol=TOL, atol=TOL)
+    sp = m.sparse_forward(jnp.asarray(full_ids), sparsity=SPARSITY, p_B=jnp.asarray([0.7, 0.7]),
+                          rng=jax.random.key(0), select_end=L, **kw)
+    sp_clean = m.sparse_forward(jnp.asarray(clean_ids), sparsity=SPARSITY, p_B=jnp.asarray([0.7, 0.7]),
+                                rng=jax.random.key(0), select_end=L, **kw)
+    np.testing.assert_allclose(np.asarray(sp.logits[1]), np.asarray(sp_clean.logits[1]), rtol=TOL, atol=TOL)
+
+
 # ---------------------------------------------------------------------- (4) per-row p
 def test_per_row_p_in_one_batch(tiny):
     _, m = tiny

@@ -85,7 +85,8 @@ def _sequence_logprobs(params, seq, vision, p_R, sel_rng, *, graphdef, grids, sp
                                    kept_BYE=seq.get("keep"), **kw)
         ratio_R = out.token_ratio_B
     else:
-        out = model(seq["ids"], attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], logits_slice=window, **kw)
+        out = model(seq["ids"], attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], logits_slice=window,
+                    vision_end=L, **kw)
         ratio_R = jnp.ones(seq["ids"].shape[:1], jnp.float32)
     logits_RTV = out.logits
     if temperature > 0:

@@ -67,13 +67,18 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
             logits = self.lm_head(h_BLD)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def _scatter(self, x_BLD, input_ids_BL, token_id: int, feats_PD, kind: str):
+    def _scatter(self, x_BLD, input_ids_BL, token_id: int, feats_PD, kind: str, vision_end: int | None = None):
         mask_BL = input_ids_BL == token_id
+        if vision_end is not None:
+            # Only the prompt's pads carry vision features: a pad token a policy GENERATED is text (the
+            # sampler embedded it with embed_tokens) and must not shift the features of later rows.
+            mask_BL = mask_BL & (jnp.arange(mask_BL.shape[1]) < vision_end)[None, :]
         if _is_concrete(input_ids_BL):
             n_tokens = int(np.sum(np.asarray(mask_BL)))
             if n_tokens != feats_PD.shape[0]:
+                where = "" if vision_end is None else f" (columns < {vision_end})"
                 raise ValueError(f"{kind} features and {kind} pad tokens do not match: {n_tokens} pad tokens "
-                                 f"(id {token_id}) in input_ids but the vision tower produced "
+                                 f"(id {token_id}) in input_ids{where} but the vision tower produced "
                                  f"{feats_PD.shape[0]} merged patches")
         # i-th pad token (row-major) takes the i-th merged patch: cumsum index + select (jit friendly).
         flat = mask_BL.reshape(-1)
@@ -82,9 +87,16 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         return jnp.where(mask_BL[..., None], picked, x_BLD)
 
     def embed(self, input_ids_BL, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None) -> jax.Array:
-        """Token embeddings with image / video pad tokens replaced by merged vision features."""
+              video_grid_thw=None, vision_end: int | None = None) -> jax.Array:
+        """Token embeddings with image / video pad tokens replaced by merged vision features.
+
+        `vision_end` (static): only pads in columns [0, vision_end) (the prompt) are vision slots;
+        later ones (generated tokens) keep their token embedding. None: every column.
+        """
         c = self.config
+        if vision_end is not None and (isinstance(vision_end, bool) or not isinstance(vision_end, int)
+                                       or vision_end < 0):
+            raise ValueError(f"vision_end must be None or a static int >= 0, got {vision_end!r}")
         x_BLD = self.embed_tokens(jnp.asarray(input_ids_BL))
         for pix, grid, tid, kind in ((pixel_values, image_grid_thw, c.image_token_id, "image"),
                                      (pixel_values_videos, video_grid_thw, c.video_token_id, "video")):
@@ -93,7 +105,7 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
             if grid is None:
                 raise ValueError(f"{kind}: pixel values were given without a grid_thw")
             feats_PD = self.visual(jnp.asarray(pix), np.asarray(grid))
-            x_BLD = self._scatter(x_BLD, input_ids_BL, tid, feats_PD, kind)
+            x_BLD = self._scatter(x_BLD, input_ids_BL, tid, feats_PD, kind, vision_end)
         return constrain(x_BLD, ("batch", "length", "embed"))
 
     def position_ids(self, input_ids_BL, attention_mask_BL=None, image_grid_thw=None, video_grid_thw=None,
@@ -134,18 +146,20 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
                  image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                  return_hidden_states: bool = False,
                  attend: AttendFn | Sequence[AttendFn | None] | None = None,
-                 logits_slice: tuple[int, int] | None = None) -> ModelOutput:
+                 logits_slice: tuple[int, int] | None = None, vision_end: int | None = None) -> ModelOutput:
         """Full causal forward. `attend` optionally replaces the attention core (one or per layer).
 
         `logits_slice=(start, stop)` (static) projects only positions [start, stop) to the vocabulary:
         logits [B, stop - start, V]. The learner needs the response positions only, and at real
         vocabularies (152k) the prompt's logits would dominate activation memory.
+        `vision_end` (static): vision pads count only in columns [0, vision_end) (see `embed`).
         """
         if position_ids_3BL is None:
             position_ids_3BL, _ = self.position_ids(input_ids_BL, attention_mask_BL, image_grid_thw,
                                                     video_grid_thw, second_per_grid_ts)
         x_BLD = self.embed(input_ids_BL, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                           pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+                           pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                           vision_end=vision_end)
         B, L = x_BLD.shape[:2]
         mask_BLS = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool))[None], (B, L, L))
         if attention_mask_BL is not None:

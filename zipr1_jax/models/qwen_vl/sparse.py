@@ -157,9 +157,10 @@ class SparseMixin:
                       vision, keep_fn=None, kept_BYE=None):
         """Embed + decoder stack with per-layer selection. Returns (h_BLD, valid_BL, records) where
         records[y] = (keep_BL, ratio_B | None (dense), k_BLKH, v_BLKH)."""
-        x_BLD = self.embed(input_ids_BL, **vision)
+        E = _check_select_end(select_end, jnp.shape(input_ids_BL)[1])
+        # Vision pads count only in the prompt columns: a generated pad token stays text.
+        x_BLD = self.embed(input_ids_BL, **vision, vision_end=E)
         B, L = x_BLD.shape[:2]
-        E = _check_select_end(select_end, L)
         p_B = _check_p(p_B, B, sparsity)
         valid_BL = jnp.ones((B, L), bool) if attention_mask_BL is None else jnp.asarray(attention_mask_BL) > 0
         if valid_BL.shape != (B, L):
@@ -216,7 +217,8 @@ class SparseMixin:
           rng: selection key; layer y uses fold_in(rng, y). Required by sampled random probes.
           position_ids_3BL: M-RoPE ids (computed like `__call__` when omitted).
           select_end: static int E: select over columns [0, E) only (the prompt); valid columns
-            >= E (the response) are always kept. None: E = L.
+            >= E (the response) are always kept, and vision pad tokens there are text (a policy may
+            generate one). None: E = L.
           pixel_values, image_grid_thw, ...: vision inputs as for `__call__`.
           keep_fn: optional alternative keep rule (module docstring); None: `self.keep_fn` if set.
           kept_BYE: optional bool [B, Y, E]: use these kept sets of the first E columns (e.g. a
