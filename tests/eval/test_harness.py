@@ -178,6 +178,31 @@ def test_harness_matches_the_trainers_greedy_eval(env, sweep):
     np.testing.assert_allclose(got.layer_ratio, r.layer_ratio, rtol=1e-7)
 
 
+def test_jsonl_set_equals_the_same_examples_in_memory(env, sweep, tmp_path):
+    """`--sets jsonl:PATH`: the same six examples written as a JSONL file with PNG image files (paths
+    relative to the file) evaluate exactly like the in-memory records (responses and token ratios)."""
+    from PIL import Image  # noqa: PLC0415
+
+    with open(tmp_path / "set.jsonl", "w") as f:
+        for i, r in enumerate(env["records"]):
+            Image.fromarray(r["images"][0]).save(tmp_path / f"img{i}.png")
+            f.write(json.dumps({"question": r["question"], "answer": r["answer"], "answer_type": r["answer_type"],
+                                "image": f"img{i}.png"}) + "\n")
+    es = loading.eval_set(f"jsonl:{tmp_path / 'set.jsonl'}", env["tok"], env["cfg"], batch_size=4,
+                          length_buckets=(128,), image_size=(56, 56))
+    assert es.name == "jsonl:set.jsonl" and len(es.source) == 6
+    res = {r.key: r for r in harness.evaluate(env["model"], {es.name: es.loader}, env["tok"], ["dense", "topp:0.6"],
+                                              config=CONFIG, sparsity=SPARSITY, model_name="tiny")}
+    for key in ("dense", "topp0.6"):
+        assert res[key].responses == sweep[key].responses, key
+        assert res[key].accuracy == sweep[key].accuracy and res[key].num_examples == 6, key
+        np.testing.assert_allclose(res[key].layer_ratio, sweep[key].layer_ratio, rtol=1e-7)
+    limited = loading.eval_set(f"jsonl:{tmp_path / 'set.jsonl'}", env["tok"], env["cfg"], limit=2)
+    assert len(limited.source) == 2
+    with pytest.raises(ValueError, match="does not exist"):
+        loading.eval_set(f"jsonl:{tmp_path / 'missing.jsonl'}", env["tok"], env["cfg"])
+
+
 def test_fastv_prunes_only_visual_tokens_after_layer_k(env, sweep):
     r = sweep["fastv1_0.5"]
     batch = next(iter(env["loader"]))
