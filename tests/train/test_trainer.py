@@ -190,3 +190,28 @@ def test_sft_all_targets(full_run, tmp_path):
     answer, every = _records(out, "sft"), _records(tmp_path, "sft")
     assert every[1]["target_tokens"] > 5 * answer[1]["target_tokens"]
     assert math.isfinite(every[3]["loss"])
+
+
+def test_init_params_from_an_orbax_params_checkpoint(full_run, tmp_path):
+    """model.init_params: start RL from the full run's reference (its weights after SFT) without SFT:
+    the evaluation before RL equals the full run's (same weights, read into the mesh shardings)."""
+    from zipr1_jax.checkpoint import CheckpointError
+    from zipr1_jax.train.config import TrainConfigError
+
+    out, summary = full_run
+    ref = out / "checkpoints" / "reference"
+    got = run(_cfg(tmp_path / "a", f"model.init_params={ref}", "sft.steps=0", "rl.steps=1"), devices=ONE)
+    assert got["before_rl_eval"] == {**summary["before_rl_eval"], "step": 0}
+    # A step directory and a checkpoint directory (its latest step) work too.
+    got = run(_cfg(tmp_path / "b", f"model.init_params={out / 'checkpoints'}", "sft.steps=0", "rl.steps=1",
+                   "eval.p_list=[1.0]"), devices=ONE)
+    assert got["global_step"] == 1
+    # A real preset needs no HF directory when it starts from converted weights (+ a tokenizer).
+    real_yaml = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen2_5_vl_7b_tpu_v5e.yaml")
+    load_config(real_yaml, [f"model.init_params={ref}", f"data.tokenizer={out / 'tokenizer'}"]).check_runnable()
+    with pytest.raises(TrainConfigError, match="model.init_params"):
+        load_config(real_yaml, []).check_runnable()
+    with pytest.raises(CheckpointError, match="holds no parameters"):
+        run(_cfg(tmp_path / "c", f"model.init_params={tmp_path}", "sft.steps=0"), devices=ONE)
+    with pytest.raises(TrainConfigError, match="model.init_params"):
+        run(_cfg(tmp_path / "d", f"model.init_params={tmp_path / 'missing'}"), devices=ONE)

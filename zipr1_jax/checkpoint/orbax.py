@@ -356,3 +356,23 @@ def restore_params(path: str | os.PathLike, target: Any) -> Any:
         except Exception as e:
             raise _unreadable(where, e) from e
     return _rebuild(paths, treedef, restored)
+
+
+def params_dir(path: str | os.PathLike) -> str:
+    """The params-only checkpoint inside `path`: `path` itself (from `save_params`, or a run's
+    `checkpoints/reference`), `path/params` for a step directory, or the latest step's params of
+    a Checkpointer directory. CheckpointError names what was found otherwise."""
+    p = os.fspath(path)
+    if not os.path.isdir(p):
+        raise CheckpointError(f"params checkpoint {p!r} does not exist or is not a directory")
+    names = set(os.listdir(p))
+    if names & {"_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt"} and "params" not in names:
+        return p
+    if os.path.isdir(os.path.join(p, "params")):
+        return os.path.join(p, "params")
+    steps = sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(p, n, "params")))
+    if steps:
+        return os.path.join(p, str(steps[-1]), "params")
+    raise CheckpointError(f"{p!r} holds no parameters: expected a params-only Orbax checkpoint, a step directory "
+                          f"with params/, or a checkpoint directory with step sub-directories (found "
+                          f"{sorted(names)[:8]})")

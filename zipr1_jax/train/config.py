@@ -113,11 +113,16 @@ class ModelSection:
     param_dtype: str = "float32"
     freeze_vision: bool = False  # no gradient / optimizer state for `visual.*`
     init_seed: int = 0  # random init of models built from a preset
+    # Start from these weights instead (no HF read): a params-only Orbax checkpoint (save_params,
+    # `<ckpt>/reference`), a step directory or a checkpoint directory (its latest step). The shapes
+    # come from `hf_dir`'s config.json or the preset; restored straight into the mesh shardings.
+    init_params: str | None = None
 
     def __post_init__(self):
         from zipr1_jax.models.qwen_vl.config import PRESETS
 
         _str(self, "preset")
+        _str(self, "init_params", optional=True)
         _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         _str(self, "hf_dir", optional=True)
         if self.layers is not None:
@@ -466,15 +471,20 @@ class TrainConfig:
         import os
 
         m = self.model
+        if m.init_params is not None:
+            _check(os.path.isdir(m.init_params), "model.init_params", f"{m.init_params!r} is not a directory")
         if m.hf_dir is None:
-            _check(m.is_tiny, "model.hf_dir", f"preset {m.preset!r} is a real model: set model.hf_dir=/path/to/"
-                   "its Hugging Face directory (config.json + *.safetensors); only tiny presets start from random weights")
+            _check(m.is_tiny or m.init_params is not None, "model.hf_dir",
+                   f"preset {m.preset!r} is a real model: set model.hf_dir=/path/to/its Hugging Face directory "
+                   "(config.json + *.safetensors) or model.init_params=/path/to/orbax/params; only tiny presets "
+                   "start from random weights")
         else:
             _check(os.path.isdir(m.hf_dir), "model.hf_dir", f"{m.hf_dir!r} is not a directory")
             _check(os.path.isfile(os.path.join(m.hf_dir, "config.json")), "model.hf_dir",
                    f"{m.hf_dir!r} has no config.json")
             weights = [f for f in os.listdir(m.hf_dir) if f.endswith(".safetensors")]
-            _check(bool(weights), "model.hf_dir", f"{m.hf_dir!r} holds no *.safetensors weight files")
+            _check(bool(weights) or m.init_params is not None, "model.hf_dir",
+                   f"{m.hf_dir!r} holds no *.safetensors weight files")
         tok = self.tokenizer_dir()
         if tok != "builtin":
             _check(os.path.isdir(tok), "data.tokenizer", f"{tok!r} is not a directory")

@@ -102,7 +102,13 @@ class Job:
         self.graphdef, params = split_params(model)
         del model
         self.param_shardings = state_shardings(params, self.mesh)
-        self.params0 = jax.device_put(params, self.param_shardings)
+        if cfg.model.init_params is not None:  # abstract params: read the weights into their shardings
+            from zipr1_jax.checkpoint import params_dir, restore_params
+
+            self.params0 = restore_params(params_dir(cfg.model.init_params),
+                                          self._abstract(params, self.param_shardings))
+        else:
+            self.params0 = jax.device_put(params, self.param_shardings)
         # Data. Batch sizes are global. With several processes each reads only its rows of every
         # global batch (distributed.ProcessRows) and `next_batch` gathers the global host batch.
         d = cfg.data

@@ -35,7 +35,14 @@ class TrainState:
 
 
 def build_model(section: ModelSection) -> QwenVLForConditionalGeneration:
-    """The model of the config: HF weights from `hf_dir`, else a random tiny preset (init_seed)."""
+    """The model of the config: HF weights from `hf_dir`, else a random tiny preset (init_seed).
+
+    With `init_params` the model is ABSTRACT (shapes only, nothing allocated): the caller restores
+    the parameters into their shardings (train/setup.py, `checkpoint.restore_params`).
+    """
+    if section.init_params is not None:
+        config = section.model_config()
+        return nnx.eval_shape(lambda: QwenVLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     if section.hf_dir is not None:
         from zipr1_jax.models.qwen_vl.loader import load_hf_checkpoint
 
