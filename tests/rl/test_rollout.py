@@ -265,3 +265,21 @@ def test_pruned_decode_cache_equals_full_capacity(tiny):
     # Dense rollouts: the longest row fills the prompt, so the capacity is L + T.
     dense = generate(m, ids, mask, key, config=_cfg(temperature=1.0), p_B=None)
     assert dense.kv_capacity == 40 + T_NEW
+
+
+def test_generate_traced_in_a_callers_jit(tiny):
+    """Inside jit there is no scalar to read back: the decode cache keeps the whole prompt length
+    and the rollout equals the eager one."""
+    _, m = tiny
+    ids, mask = _prompts()
+    eager = generate(m, ids, mask, jax.random.key(2), config=_cfg())
+
+    @nnx.jit
+    def traced(m, ids, mask):
+        out = generate(m, ids, mask, jax.random.key(2), config=_cfg())
+        return out.tokens_BT, out.logprobs_BT, out.kv_capacity
+
+    tok, lp, cap = traced(m, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(eager.tokens_BT))
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(eager.logprobs_BT), atol=1e-5)
+    assert int(cap) == ids.shape[1] + T_NEW

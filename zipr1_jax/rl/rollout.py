@@ -343,8 +343,10 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
         None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
         image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw), sparsity=sparsity)
     L, T = ids.shape[1], config.max_new_tokens
-    # One host read of a replicated scalar picks the decode program (the only sync of a rollout).
-    capacity = decode_capacity(int(jax.device_get(max_kept)), L, T, config.cache_steps)
+    # One host read of a replicated scalar picks the decode program (the only sync of a rollout);
+    # traced inside a caller's jit there is nothing to read: the whole prompt length then.
+    capacity = (L + T if isinstance(max_kept, jax.core.Tracer)
+                else decode_capacity(int(jax.device_get(max_kept)), L, T, config.cache_steps))
     decode = _decode_jit if jax.default_backend() == "cpu" else _decode_jit_donating
     tokens_BT, logprobs_BT, mask_BT, done_B = decode(graphdef, state, logits_BV, cache, mask, deltas, rng,
                                                      config=config, capacity=capacity)
