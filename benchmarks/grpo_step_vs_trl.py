@@ -471,8 +471,9 @@ NOTE = ("Reading: CPU timings of a TINY model (one step here is ~65 GFLOP: sampl
         "selection too). Do not read the ratio as an accelerator or real-size number (there TRL would sample "
         "with vLLM). The sparse row is the ZipR1 step (sparse prefill in the rollout, the same kept sets in the "
         "learner's forward, handed over from the rollout; its KL is against the dense reference): at 64-token "
-        "prompts the selection costs about what it saves. On a shared 2-core machine torch with 2 threads can be far slower than with 1 "
-        "(OpenMP waits on threads whose core another process took); the ratio uses the faster TRL column, and "
+        "prompts the selection costs about what it saves. On a shared 2-core machine torch with 2 threads can "
+        "be far slower than with 1 (OpenMP waits on threads whose core another process took); the ratio uses "
+        "the faster TRL column, and "
         "the interleaved rounds keep load changes from favouring one side.\n")
 
 

@@ -303,9 +303,11 @@ class Job:
         if final_eval:
             summary["final_eval"] = self.eval_and_log(state.params, g, "final")
             before = os.path.join(self.out_dir, BEFORE_RL_EVAL)
-            if os.path.isfile(before):
+            if self.cfg.rl.steps > 0 and os.path.isfile(before):
                 with open(before) as f:
-                    summary["before_rl_eval"] = json.load(f)
+                    ev = json.load(f)
+                if ev.get("step") == self.cfg.sft.steps:  # this run's RL start, not a stale file of another
+                    summary["before_rl_eval"] = ev
         if jax.process_index() == 0:
             if self.cfg.log.plots and os.path.isfile(self.logger.jsonl_path):
                 summary["plots"] = plot_metrics(self.logger.jsonl_path, os.path.join(self.out_dir, "plots"))

@@ -239,7 +239,8 @@ class SparseMixin:
                                                position_ids_3BL=position_ids_3BL, select_end=select_end,
                                                vision=vision, keep_fn=keep_fn, kept_BYE=kept_BYE)
         layer_ratio_BY = self._layer_ratios(records, h_BLD.shape[0])
-        return SparseOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)), token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
+        return SparseOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)),
+                            token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
                             layer_ratio_BY=layer_ratio_BY)
 
     def sparse_prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,
