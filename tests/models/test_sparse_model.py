@@ -259,6 +259,14 @@ def test_sparse_rollout_matches_learner_forward(tiny):
     given = learner_with_kept(m, *map(jnp.asarray, (full_ids, full_mask, pos, pix)), jnp.asarray(keep_BYL))
     np.testing.assert_allclose(np.asarray(given.logits), np.asarray(fwd.logits[:, L - 1:]), atol=TOL, rtol=TOL)
     np.testing.assert_array_equal(np.asarray(given.layer_ratio_BY), np.asarray(out.layer_ratio_BY))
+    # Handed-over sets win over a keep rule (here the eval harness's top-k rule): same forward.
+    from zipr1_jax.eval.methods import TopKRule
+
+    ruled = m.sparse_forward(*map(jnp.asarray, (full_ids,)), sparsity=SPARSITY, p_B=p, rng=None,
+                             attention_mask_BL=jnp.asarray(full_mask), position_ids_3BL=jnp.asarray(pos),
+                             select_end=L, pixel_values=pix, image_grid_thw=grid, kept_BYE=jnp.asarray(keep_BYL),
+                             keep_fn=TopKRule(), logits_slice=(L - 1, L + T_NEW - 1))
+    np.testing.assert_allclose(np.asarray(ruled.logits), np.asarray(given.logits), atol=TOL, rtol=TOL)
     with pytest.raises(ValueError, match=r"kept_BYE must have shape"):
         m.sparse_forward(jnp.asarray(full_ids), sparsity=SPARSITY, p_B=p, attention_mask_BL=jnp.asarray(full_mask),
                          select_end=L, kept_BYE=jnp.asarray(keep_BYL[:, :, 1:]))

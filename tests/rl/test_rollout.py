@@ -267,19 +267,60 @@ def test_pruned_decode_cache_equals_full_capacity(tiny):
     assert dense.kv_capacity == 40 + T_NEW
 
 
+def _sparse_setup():
+    from zipr1_jax.kernels.sparse_attention import SelectionConfig, SparsityConfig
+
+    return SparsityConfig(backend="xla", capacity_buckets=(1.0,),
+                          selection=SelectionConfig(probe_recent=0.1, probe_random=0.1, min_probes=2))
+
+
 def test_generate_traced_in_a_callers_jit(tiny):
-    """Inside jit there is no scalar to read back: the decode cache keeps the whole prompt length
-    and the rollout equals the eager one."""
+    """Inside jit there is no scalar to read back: a sparse rollout's decode cache keeps the whole
+    prompt length (eagerly it is cut) and the rollout is otherwise the same."""
     _, m = tiny
-    ids, mask = _prompts()
-    eager = generate(m, ids, mask, jax.random.key(2), config=_cfg())
+    ids, mask = _prompts(seed=3, lengths=(40, 33, 37))
+    sparsity, p_B = _sparse_setup(), jnp.asarray([0.5, 0.6, 0.7], jnp.float32)
+    cfg = _cfg(temperature=1.0)
+    eager = generate(m, ids, mask, jax.random.key(2), config=cfg, p_B=p_B, sparsity=sparsity)
 
     @nnx.jit
     def traced(m, ids, mask):
-        out = generate(m, ids, mask, jax.random.key(2), config=_cfg())
+        out = generate(m, ids, mask, jax.random.key(2), config=cfg, p_B=p_B, sparsity=sparsity)
         return out.tokens_BT, out.logprobs_BT, out.kv_capacity
 
     tok, lp, cap = traced(m, jnp.asarray(ids), jnp.asarray(mask))
+    assert eager.kv_capacity < ids.shape[1] + T_NEW and int(cap) == ids.shape[1] + T_NEW
     np.testing.assert_array_equal(np.asarray(tok), np.asarray(eager.tokens_BT))
     np.testing.assert_allclose(np.asarray(lp), np.asarray(eager.logprobs_BT), atol=1e-5)
-    assert int(cap) == ids.shape[1] + T_NEW
+
+
+def test_learner_uses_the_rollouts_kept_sets(tiny):
+    """The learner's log-probs come from the kept sets it is handed: the rollout's give the
+    sampler's log-probs; other sets (every key) give other log-probs, so the sets are really used."""
+    from zipr1_jax.train.batch import response_positions
+    from zipr1_jax.train.learner import _sequence_logprobs
+
+    _, m = tiny
+    ids, mask = _prompts(seed=4, lengths=(40, 33, 37))
+    sparsity, p_B = _sparse_setup(), jnp.asarray([0.5, 0.6, 0.7], jnp.float32)
+    key = jax.random.key(6)
+    out = generate(m, ids, mask, key, config=_cfg(temperature=1.0), p_B=p_B, sparsity=sparsity)
+    B, L = ids.shape
+    pos_3BL, deltas_B = m.position_ids(ids, mask)
+    seq = dict(ids=jnp.asarray(np.concatenate([ids, np.asarray(out.tokens_BT)], 1)),
+               mask=jnp.asarray(np.concatenate([mask, np.asarray(out.mask_BT, np.int32)], 1)),
+               pos=jnp.asarray(np.concatenate([np.asarray(pos_3BL), response_positions(
+                   np.asarray(deltas_B), mask.sum(1), T_NEW)], axis=2)))
+    graphdef, params = nnx.split(m, nnx.Param)
+    kw = dict(graphdef=graphdef, grids=dict(image_grid=None, video_grid=None), sparsity=sparsity, L=L,
+              temperature=1.0)
+    sel_rng = jax.random.split(key)[0]
+
+    def logp(keep):
+        s = dict(seq) if keep is None else dict(seq, keep=keep)
+        return np.asarray(_sequence_logprobs(params, s, {}, p_B, sel_rng, **kw)[0]) * np.asarray(out.mask_BT)
+
+    rollout_lp = np.asarray(out.logprobs_BT)
+    np.testing.assert_allclose(logp(out.keep_BYL), rollout_lp, atol=1e-4)
+    everything = jnp.broadcast_to(jnp.asarray(mask > 0)[:, None, :], out.keep_BYL.shape)
+    assert np.abs(logp(everything) - rollout_lp).max() > 1e-2

@@ -52,9 +52,10 @@ def test_end_to_end_outputs(full_run):
         for key in ("loss", "reward", "accuracy", "token_ratio", "kl", "clip_frac", "grad_norm", "lr", "kv_fraction"):
             assert r[key] is not None and math.isfinite(r[key]), key
         assert 0.0 < r["token_ratio"] < 1.0  # sparse rollouts at p in {0.9, 0.95}
-        # The learner recomputes the rollout's log-probs with the same kept sets (same p, same
-        # selection key, select_end = prompt length): sampler and trainer agree.
+        # The learner recomputes the rollout's log-probs over the kept sets the rollout hands over
+        # (select_end = prompt length): sampler and trainer agree.
         assert r["logp_mismatch"] < 1e-4, r["logp_mismatch"]
+        assert 0.0 < r["kv_fraction"] <= 1.0  # decode cache slots vs a whole-prompt cache
     assert os.path.isfile(out / "plots" / "summary.png") and os.path.isfile(out / "plots" / "eval.png")
     assert json.load(open(out / "summary.json"))["global_step"] == 5
     # The final line compares with the model before RL (the SFT model, evaluated at step 3).

@@ -9,10 +9,11 @@ Prompts are LEFT padded (every row's last prompt token sits in the last column).
 M-RoPE deltas are computed on the host before jit (vision prompts need concrete ids and grids); the
 image grids are static jit arguments because they fix the vision tower's shapes. There is no Python
 loop over tokens: one compiled prefill per (prompt shape, grid, sparsity) and one compiled decode
-loop per (prompt shape, SamplingConfig, cache capacity). The capacity is read back after the
-prefill (one scalar): a pruned prefill's decode cache holds only the kept prompt entries (rounded
-up to the next 1/cache_steps of the prompt length) plus the new tokens, so KV-cache pruning saves
-decode memory and time for real, not just in the per-row lengths.
+loop per (prompt shape, SamplingConfig, cache capacity). After a sparse prefill one scalar is read
+back and the cache is cut, in a program of its own, to the longest kept prompt (over rows and
+layers, rounded up to the next 1/cache_steps of the prompt length) plus the new tokens; the
+prompt-sized cache is released before decoding, so KV-cache pruning saves decode memory and time
+for real. A dense layer or a p = 1 row keeps its whole prompt, and then so does the cache.
 
 Log-probs returned are those of the sampled token under the temperature-scaled FULL distribution,
 `log_softmax(logits / T)` (T = 1 for greedy), i.e. the policy the learner recomputes; top-k/top-p
@@ -60,10 +61,10 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    # Decode KV-cache capacity: the longest kept prompt (over rows and layers) rounded up to the
-    # next 1/cache_steps of the prompt length, plus max_new_tokens. A pruned (sparse) prefill then
-    # decodes over, and holds, only what it kept; at most `cache_steps` decode programs compile per
-    # prompt shape. 1: always the whole prompt length.
+    # Decode KV-cache capacity after a sparse prefill: the longest kept prompt (over rows and
+    # layers) rounded up to the next 1/cache_steps of the prompt length, plus max_new_tokens, so
+    # decoding holds and reads only what was kept; at most `cache_steps` decode programs compile per
+    # prompt shape. 1: always the whole prompt length (one decode program).
     cache_steps: int = 8
 
     def __post_init__(self):
@@ -212,8 +213,8 @@ def decode_capacity(max_kept: int, L: int, T: int, steps: int) -> int:
 
 
 def _prefill_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, pixel_values,
-                  pixel_values_videos, *, image_grid, video_grid, sparsity=None):
-    """Prompt pass: (last logits, KV cache with exactly L slots, layer ratios, kept sets (None when
+                  pixel_values_videos, *, image_grid, video_grid, capacity: int, sparsity=None):
+    """Prompt pass: (last logits, KV cache with `capacity` slots, layer ratios, kept sets (None when
     dense), longest kept length)."""
     model = nnx.merge(graphdef, state)
     vision = dict(pixel_values=pixel_values, image_grid_thw=None if image_grid is None else np.asarray(image_grid),
@@ -221,7 +222,7 @@ def _prefill_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B
                   video_grid_thw=None if video_grid is None else np.asarray(video_grid))
     rng_select, _ = jax.random.split(rng)
     logits_BV, cache, layer_ratio_BY, keep_BYL = _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B,
-                                                          rng_select, input_ids_BL.shape[1], vision, sparsity)
+                                                          rng_select, capacity, vision, sparsity)
     return logits_BV, cache, layer_ratio_BY, keep_BYL, jnp.max(cache.length)
 
 
@@ -233,14 +234,12 @@ def _resize(cache: KVCache, capacity: int) -> KVCache:
     return KVCache(k=jnp.pad(cache.k[:, :, :keep], pad), v=jnp.pad(cache.v[:, :, :keep], pad), length=cache.length)
 
 
-def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, config: SamplingConfig,
-                 capacity: int):
+def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, config: SamplingConfig):
     """Sample token 0 from the prefill logits, then the `lax.while_loop` of cached decode steps."""
     model = nnx.merge(graphdef, state)
     B = mask_BL.shape[0]
     T = config.max_new_tokens
     _, rng_sample = jax.random.split(rng)
-    cache = _resize(cache, capacity)
     eos_E = jnp.asarray(config.eos_ids, jnp.int32)
     # Position of generated token i: (valid prompt length + i) + rope delta. Tracked here, not read
     # from the cache, because a sparse cache holds fewer entries than the tokens it has seen.
@@ -278,11 +277,12 @@ def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, c
     return tokens_BT, logprobs_BT, mask_BT, done_B
 
 
-_prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid", "video_grid", "sparsity"))
-_decode_jit = jax.jit(_decode_impl, static_argnames=("graphdef", "config", "capacity"))
-# Off CPU the prompt-sized cache is donated to the decode program, so the pruned one replaces it.
-_decode_jit_donating = jax.jit(_decode_impl, static_argnames=("graphdef", "config", "capacity"),
-                               donate_argnames=("cache",))
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid", "video_grid", "sparsity",
+                                                     "capacity"))
+# A program of its own: the prompt-sized cache is released before the decode starts, so only the
+# pruned one is alive while decoding.
+_resize_jit = jax.jit(_resize, static_argnames=("capacity",))
+_decode_jit = jax.jit(_decode_impl, static_argnames=("graphdef", "config"))
 
 
 def _static_grid(grid) -> tuple[tuple[int, ...], ...] | None:
@@ -337,19 +337,25 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(ids, jnp.int32)
     deltas = jnp.asarray(rope_deltas_B, jnp.int32)
+    L, T = ids.shape[1], config.max_new_tokens
+    # Dense prefill: the cache is built at L + T directly. Sparse: built at L, then cut to the kept size.
+    sparse = p_B is not None
     logits_BV, cache, layer_ratio_BY, keep_BYL, max_kept = _prefill_jit(
         graphdef, state, ids, mask, jnp.asarray(position_ids_3BL, jnp.int32), deltas, p_B, rng,
         None if pixel_values is None else jnp.asarray(pixel_values),
         None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
-        image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw), sparsity=sparsity)
-    L, T = ids.shape[1], config.max_new_tokens
-    # One host read of a replicated scalar picks the decode program (the only sync of a rollout);
-    # traced inside a caller's jit there is nothing to read: the whole prompt length then.
-    capacity = (L + T if isinstance(max_kept, jax.core.Tracer)
-                else decode_capacity(int(jax.device_get(max_kept)), L, T, config.cache_steps))
-    decode = _decode_jit if jax.default_backend() == "cpu" else _decode_jit_donating
-    tokens_BT, logprobs_BT, mask_BT, done_B = decode(graphdef, state, logits_BV, cache, mask, deltas, rng,
-                                                     config=config, capacity=capacity)
+        image_grid=_static_grid(image_grid_thw), video_grid=_static_grid(video_grid_thw),
+        capacity=L if sparse else L + T, sparsity=sparsity)
+    capacity = L + T
+    if sparse and not isinstance(max_kept, jax.core.Tracer):
+        # One host read of a replicated scalar picks the cache size (the only sync of a rollout). It is
+        # the longest kept prompt over rows AND layers: a dense layer or a p = 1 row keeps its whole
+        # prompt. Traced inside a caller's jit there is nothing to read: the whole prompt length then.
+        capacity = decode_capacity(int(jax.device_get(max_kept)), L, T, config.cache_steps)
+    if cache.k.shape[2] != capacity:
+        cache = _resize_jit(cache, capacity=capacity)
+    tokens_BT, logprobs_BT, mask_BT, done_B = _decode_jit(graphdef, state, logits_BV, cache, mask, deltas, rng,
+                                                          config=config)
     B = ids.shape[0]
     return RolloutOutput(tokens_BT=tokens_BT, logprobs_BT=logprobs_BT, mask_BT=mask_BT,
                          lengths_B=jnp.sum(mask_BT, axis=1).astype(jnp.int32), finished_B=done_B,

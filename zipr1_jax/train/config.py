@@ -292,9 +292,13 @@ class RLSection:
     top_k: int = 0  # 0: off
     max_new_tokens: int = 16
     grad_accum: int = 1  # micro-batches per optimiser step
+    # Sparse rollouts decode over a KV cache cut to the kept prompt, rounded up to 1/cache_steps of
+    # the prompt length (at most cache_steps decode compiles per prompt length); 1: never cut.
+    cache_steps: int = 8
 
     def __post_init__(self):
         _int(self, "steps", 0)
+        _int(self, "cache_steps", 1)
         _float(self, "lr", 0.0, lo_open=True)
         _int(self, "warmup_steps", 0)
         _choice(self, "schedule", SCHEDULES)

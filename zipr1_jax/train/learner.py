@@ -9,11 +9,12 @@ Per step (METHOD.md section 3):
 2. rewards on the host (verifiers need strings): r = r_acc + lambda * C * (1 - tau);
 3. group-relative advantages (GRPO / RLOO / Dr.GRPO);
 4. `mu` optimizer steps on the clipped surrogate - beta * k3 KL. The policy (and old-policy)
-   log-probs are recomputed on prompt + response with the same sparse selection as the rollout
-   (same p per row and the same selection rng, `select_end` = prompt length), the reference with
-   DENSE attention from the frozen reference params. Old-policy log-probs are computed once per
-   rollout batch (with mu = 1 they equal the current ones, so the surrogate uses a stop-gradient
-   copy and saves that forward).
+   log-probs are recomputed on prompt + response over the rollout's own kept sets (handed over
+   as `RolloutOutput.keep_BYL`, `select_end` = prompt length; no re-selection, so sampler and
+   learner attend to exactly the same keys, and with mu > 1 every inner step keeps the rollout
+   policy's sets), the reference with DENSE attention from the frozen reference params.
+   Old-policy log-probs are computed once per rollout batch (with mu = 1 they equal the current
+   ones, so the surrogate uses a stop-gradient copy and saves that forward).
 """
 
 from __future__ import annotations

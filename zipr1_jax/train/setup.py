@@ -142,7 +142,7 @@ class Job:
         self.rl_schedule = learning_rate_schedule(self.rl_opt)
         self.eos_ids = (self.special.im_end, int(self.tokenizer.convert_tokens_to_ids("<|endoftext|>")))
         sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.special.pad,
-                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, cache_steps=r.cache_steps)
         self.sparsity = sparsity_config(cfg.sparsity)
         self.learner_config = LearnerConfig(
             group_size=d.group_size, sampling=sampling, sparsity=self.sparsity, p_grid=cfg.sparsity.p_grid,

@@ -124,9 +124,7 @@ def _check_p(p_B, B: int, sparsity: SparsityConfig) -> jax.Array:
     return jnp.asarray(p_B, jnp.float32)
 
 
-def _check_kept(kept_BYE, B: int, Y: int, E: int, keep_fn):
-    if keep_fn is not None:
-        raise ValueError("kept_BYE (kept sets chosen earlier) and keep_fn (a keep rule) exclude each other")
+def _check_kept(kept_BYE, B: int, Y: int, E: int):
     if jnp.shape(kept_BYE) != (B, Y, E):
         raise ValueError(f"kept_BYE must have shape (B, layers, E) = {(B, Y, E)} (E = select_end), "
                          f"got {tuple(jnp.shape(kept_BYE))}")
@@ -169,7 +167,11 @@ class SparseMixin:
         records = {}
         keep_fn = getattr(self, "keep_fn", None) if keep_fn is None else keep_fn
         if kept_BYE is not None:
-            kept_BYE = _check_kept(kept_BYE, B, len(self.layers), L if E is None else E, keep_fn)
+            # Sets chosen earlier win over any rule. Under a keep_fn (which decides its own dense
+            # layers) they are used in every layer: a dense layer's set is simply every valid key.
+            kept_BYE = _check_kept(kept_BYE, B, len(self.layers), L if E is None else E)
+            use_given = [keep_fn is not None or sparsity.is_sparse_layer(y) for y in range(len(self.layers))]
+            keep_fn = None
         layer_fn = None if keep_fn is None else keep_fn(
             input_ids_BL=input_ids_BL, valid_BL=valid_BL, p_B=p_B, select_end=E, sparsity=sparsity,
             model_config=self.config)
@@ -178,7 +180,7 @@ class SparseMixin:
             def attend(q_BLNH, k_BLKH, v_BLKH, mask):
                 if layer_fn is not None:
                     kept = layer_fn(y, q_BLNH, k_BLKH, layer_rng(rng, y))
-                elif kept_BYE is not None and sparsity.is_sparse_layer(y):
+                elif kept_BYE is not None and use_given[y]:
                     kept = given_keep(kept_BYE[:, y], valid_BL)
                 elif sparsity.is_sparse_layer(y):
                     kept = layer_keep(q_BLNH, k_BLKH, valid_BL, p_B, selection=sparsity.selection,
@@ -222,7 +224,8 @@ class SparseMixin:
           pixel_values, image_grid_thw, ...: vision inputs as for `__call__`.
           keep_fn: optional alternative keep rule (module docstring); None: `self.keep_fn` if set.
           kept_BYE: optional bool [B, Y, E]: use these kept sets of the first E columns (e.g. a
-            rollout's, `sparse_prefill(return_keep=True)`) instead of selecting; sparse layers only.
+            rollout's, `sparse_prefill(return_keep=True)`) instead of selecting (sparse layers; with
+            a keep_fn, every layer); they take precedence over keep_fn.
           logits_slice: static (start, stop): logits of positions [start, stop) only (as `__call__`).
         Returns:
           SparseOutput(logits [B, L, V] float32 (or [B, stop - start, V]), token_ratio_B [B],
