@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     settings = parse_settings(args.settings)
     image_size = tuple(args.image_size or (tc.data.image_size if tc is not None else (56, 56)))
     buckets = tuple(args.length_buckets or (tc.data.length_buckets if tc is not None else (128, 256, 512)))
-    common = dict(batch_size=args.batch_size, length_buckets=buckets, image_size=image_size, limit=args.limit)
+    common = dict(batch_size=args.batch_size, length_buckets=buckets, image_size=image_size, limit=args.limit,
+                  system_prompt=tc.data.system_prompt if tc is not None else "default")
     if args.sets is not None:
         sets = [eval_set(spec, tokenizer, first.config, **common) for spec in args.sets]
     elif tc is not None and tc.data.source == "builtin":  # the trainer's own eval split

@@ -302,7 +302,8 @@ def test_scripts_are_thin_wrappers(one, tmp_path, mesh1):
 # The tiny trainer config of tests/train/test_trainer.py, cut to what a checkpoint needs: two SFT
 # steps (a low learning rate keeps the greedy answers prompt-dependent, so agreement means
 # something) and the cheapest final evaluation. The full SFT + GRPO run is the slow variant.
-TRAIN = ["data.num_examples=64", "data.batch_size=2", "data.group_size=2", "data.length_buckets=[128]",
+TRAIN = ["model.preset=tiny_qwen2_vl", "data.image_size=[56,56]", "data.tasks=null",
+         "data.num_examples=64", "data.batch_size=2", "data.group_size=2", "data.length_buckets=[128]",
          "sparsity.p_grid=[0.9,0.95]", "sparsity.min_probes=4", "sparsity.p_eval=0.93", "sparsity.layers=[1]",
          "sft.batch_size=4", "sft.warmup_steps=1", "rl.max_new_tokens=4", "rl.warmup_steps=0",
          "eval.num_examples=2", "eval.batch_size=2", "eval.p_list=[1.0]",

@@ -31,7 +31,9 @@ def test_deterministic_and_valid(task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_indices_and_seeds_differ(task):
-  imgs = {generate_example(task, seed=0, index=i).image.tobytes() for i in range(8)}
+  # spot_color's 56-px square fills a 56-px image (one position, only the colour varies): use 168 px.
+  size = (168, 168) if task == "spot_color" else (56, 56)
+  imgs = {generate_example(task, seed=0, index=i, image_size=size).image.tobytes() for i in range(8)}
   assert len(imgs) >= 6
   a = generate_example(task, seed=0, index=0).image
   b = generate_example(task, seed=1, index=0).image
@@ -126,7 +128,7 @@ def test_source():
   assert len({src[i]["uid"] for i in range(12)}) == 12
   with pytest.raises(IndexError):
     src[12]
-  assert BuiltinTaskSource(3, tasks=TINY_RUN_TASKS)[2]["task"] == "big_color"
+  assert BuiltinTaskSource(3, tasks=TINY_RUN_TASKS)[2]["task"] == "spot_color"
 
 
 def test_bad_arguments():
@@ -148,3 +150,18 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="image"):
     TaskExample(uid="u", task="t", image=np.zeros((2, 2), np.uint8), question="q",
                 answer="a", answer_type="exact")
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_spot_color_answer_lives_in_four_vision_tokens(difficulty):
+  """The coloured square covers exactly 2x2 merged 28-px tokens; clutter is grey and outside it."""
+  for i in range(20):
+    ex = generate_example("spot_color", seed=1, index=i, difficulty=difficulty, image_size=(168, 168))
+    img = ex.image
+    colored = (img != drawing.BACKGROUND).any(-1) & (img != drawing.GREY).any(-1)
+    names = {n for n, rgb in drawing.COLORS.items() if (img[colored] == rgb).all(-1).any()}
+    assert names == {ex.answer}
+    tokens = colored.reshape(6, 28, 6, 28).any(axis=(1, 3))
+    assert tokens.sum() == 4 and colored.reshape(6, 28, 6, 28).all(axis=(1, 3)).sum() == 4
+    grey = (img == drawing.GREY).all(-1)
+    assert (difficulty == 1) == (not grey.any())

@@ -37,8 +37,10 @@ EOS = (256, 255)  # <|im_end|>, <|endoftext|> of the tiny tokenizer
 PAD = 257
 T_NEW = 6
 # Exact probes (every query; rng-free) so selection counts can be recomputed independently.
-TRAIN = load_config(None, ["sparsity.probes=all", "sparsity.min_probes=2", "sparsity.probe_recent_frac=0.1",
-                           "sparsity.backend=xla", "rl.max_new_tokens=6", "data.length_buckets=[128]"])
+# The 2-layer tiny model on 56-px images of every task (the env fixture's), not the default demo's.
+SMALL = ["model.preset=tiny_qwen2_vl", "data.image_size=[56,56]", "data.tasks=null"]
+TRAIN = load_config(None, SMALL + ["sparsity.probes=all", "sparsity.min_probes=2", "sparsity.probe_recent_frac=0.1",
+                                   "sparsity.backend=xla", "rl.max_new_tokens=6", "data.length_buckets=[128]"])
 # One capacity bucket (no lax.switch over kernel sizes) keeps compile times low.
 SPARSITY = dataclasses.replace(sparsity_config(TRAIN.sparsity), capacity_buckets=(1.0,))
 CONFIG = harness.HarnessConfig(max_new_tokens=T_NEW, eos_ids=EOS, pad_id=PAD, measure_prefill=False, warmup=False,
@@ -292,7 +294,7 @@ def test_fastv_layer_outside_model_is_an_error(env):
 def test_load_orbax_run_hf_and_errors(env, tmp_path):
     graphdef, params = split_params(env["model"])
     run = tmp_path / "run"
-    cfg = load_config(None, [f"log.out_dir={run}"])
+    cfg = load_config(None, SMALL + [f"log.out_dir={run}"])
     with Checkpointer(run / "checkpoints", async_save=False) as ck:
         ck.save(7, params=params, meta={"config": cfg.to_dict()}, force=True)
     save_params(run / "checkpoints" / "reference", params)

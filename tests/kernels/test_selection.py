@@ -1,4 +1,4 @@
-"""Top-p selection vs a brute-force NumPy (float64) implementation of METHOD.md section 1."""
+"""Top-p selection vs a brute-force NumPy (float64) implementation of docs/method.md section 1."""
 
 from __future__ import annotations
 

@@ -113,8 +113,9 @@ def _brute_attends(sparsity, valid_BL, p_B, rng, select_end, n_layers, ratios):
             if not sparsity.is_sparse_layer(y):
                 ratios[y] = jnp.ones(valid_BL.shape[:1])
                 return dense_attention(q, k, v, mask_BLS)
-            sel = select_topp(q[:, :E], k[:, :E], valid_BL[:, :E], p_B, config=sparsity.selection,
-                              rng=jax.random.fold_in(rng, y))
+            # The model's key rule: one key per row (split), folded with the layer index.
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, y))(jax.random.split(rng, valid_BL.shape[0]))
+            sel = select_topp(q[:, :E], k[:, :E], valid_BL[:, :E], p_B, config=sparsity.selection, rng=keys)
             keep_BL = jnp.concatenate([sel.keep_BS, valid_BL[:, E:]], axis=1)
             ratios[y] = sel.token_ratio_B
             # "qkv": only kept queries get an output, the others only their residual.

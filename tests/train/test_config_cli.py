@@ -26,7 +26,11 @@ def test_default_yaml_equals_embedded_default():
 
 def test_default_values():
     cfg = TrainConfig()
-    assert cfg.model.preset == "tiny_qwen2_vl" and cfg.model.is_tiny
+    assert cfg.model.preset == "tiny_qwen2_vl_demo" and cfg.model.is_tiny
+    assert cfg.model.model_config().text.num_hidden_layers == 4
+    # the demo: vision-heavy prompts, the pathwise term on, anchored to the dense reference
+    assert cfg.data.tasks == ("spot_color",) and cfg.data.image_size == (168, 168) and cfg.data.system_prompt is None
+    assert cfg.rl.lambda_path > 0 and cfg.rl.beta_kl == 0.5 and cfg.eval.num_examples >= 256
     assert cfg.sparsity.p_eval == 0.975
     assert cfg.sparsity.p_grid == DEFAULT_P_GRID == (0.94, 0.945, 0.95, 0.955, 0.96, 0.965, 0.97, 0.975)
     assert cfg.data.group_size == 8 and cfg.sft.steps > 0 and cfg.rl.steps > 0

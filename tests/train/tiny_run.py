@@ -1,6 +1,8 @@
 """The smallest complete training run (3 SFT + 2 GRPO steps) that the trainer tests share."""
 
 TINY = [
+    # The 2-layer model on 56-px images of every task: the default run's 168-px demo is too slow here.
+    "model.preset=tiny_qwen2_vl", "data.image_size=[56,56]", "data.tasks=null",
     "data.num_examples=64", "data.batch_size=2", "data.group_size=2", "data.length_buckets=[128]",
     "sparsity.p_grid=[0.9,0.95]", "sparsity.min_probes=4",
     "sft.steps=3", "sft.batch_size=4", "sft.warmup_steps=1",

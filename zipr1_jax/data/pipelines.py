@@ -276,8 +276,10 @@ def _build(source, tokenizer, cfg: PipelineConfig, *, sft: bool, group_size: int
         num_batches = total // cfg.batch_size if drop_remainder else -(-total // cfg.batch_size)
         if num_batches == 0:
             raise ValueError(f"{total} examples make no full batch of {cfg.batch_size} (drop_remainder=True)")
-    read = None if cfg.num_threads == 0 else grain.ReadOptions(num_threads=cfg.num_threads,
-                                                                prefetch_buffer_size=cfg.prefetch_buffer_size)
+    # num_threads = 0 must be said explicitly: grain's default ReadOptions (16 threads, 500 elements,
+    # here 500 BATCHES ahead per loader) would fill memory and fight the model for the CPU.
+    read = (grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if cfg.num_threads == 0
+            else grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
     return Loader(ds, read, num_batches)
 
 

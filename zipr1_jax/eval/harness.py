@@ -8,7 +8,7 @@
 For every (set, setting) it greedy-decodes each batch with the rollout sampler (`generate`: one
 jitted prefill + decode loop, sparse settings on the pruned KV cache), verifies the answers and
 reports: accuracy; mean token ratio and per-layer ratios (kept / valid prompt keys per layer,
-dense layers 1, METHOD 1.6); prefill and decode time; KV-cache bytes of the prompt after
+dense layers 1, docs/method.md 1.6); prefill and decode time; KV-cache bytes of the prompt after
 pruning (and dense, for the ratio).
 
 Timing: the first batch of each (set, setting) runs once untimed first (`warmup`: the compile);
@@ -98,6 +98,13 @@ class SettingResult:
     kv_bytes_dense: float
     responses: list[str] = dataclasses.field(default_factory=list, repr=False)
     correct: list[bool] = dataclasses.field(default_factory=list, repr=False)
+    token_ratio_se: float | None = None  # standard error of token_ratio over the examples
+
+    @property
+    def accuracy_se(self) -> float:
+        """Binomial standard error of the accuracy."""
+        n = max(self.num_examples, 1)
+        return float(np.sqrt(max(self.accuracy * (1.0 - self.accuracy), 0.0) / n))
 
     @property
     def examples_per_s(self) -> float:
@@ -121,7 +128,7 @@ class SettingResult:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SettingResult:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names - {"responses", "correct"} if n not in d)
+        missing = sorted(n for n in names - {"responses", "correct", "token_ratio_se"} if n not in d)
         if missing:
             raise ValueError(f"result record lacks fields {missing} (not written by write_tables?)")
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -254,6 +261,7 @@ def evaluate_setting(model: nnx.Module, batches: Iterable[dict], tokenizer, sett
     if not correct:
         raise ValueError(f"evaluate_setting: set {set_name!r} held no valid example")
     measured = config.measure_prefill
+    all_ratios = np.concatenate(ratios)
     result = SettingResult(
         model=model_name, set=set_name, setting=setting.label, key=setting.key, kind=setting.kind,
         budget=setting.budget, accuracy=float(np.mean(correct)), token_ratio=float(np.concatenate(ratios).mean()),
@@ -261,7 +269,8 @@ def evaluate_setting(model: nnx.Module, batches: Iterable[dict], tokenizer, sett
         prefill_s=prefill_s if measured else None, decode_s=max(total_s - prefill_s, 0.0) if measured else None,
         compile_s=compile_s, new_tokens=new_tokens, kv_bytes=float(np.mean(kv)),
         kv_bytes_dense=float(np.mean(kv_dense)),
-        responses=responses, correct=correct)
+        responses=responses, correct=correct,
+        token_ratio_se=float(all_ratios.std(ddof=1) / np.sqrt(len(all_ratios))) if len(all_ratios) > 1 else 0.0)
     bar.close(f"{model_name} | {set_name} | {setting.label}: accuracy {result.accuracy:.3f}, token ratio "
               f"{result.token_ratio:.3f}, {result.examples_per_s:.2f} ex/s")
     return result

@@ -292,13 +292,18 @@ class EvalSet:
 
 
 def eval_set(spec: str, tokenizer, model_config, *, batch_size: int = 8, length_buckets=(128, 256, 512),
-             image_size=(56, 56), limit: int | None = None, seed: int = 1_000_003, difficulty: int = 1) -> EvalSet:
+             image_size=(56, 56), limit: int | None = None, seed: int = 1_000_003, difficulty: int = 1,
+             system_prompt: str | None = "default") -> EvalSet:
     """An EvalSet for a spec: one ordered pass, left-padded prompts, M-RoPE ids, and the last
-    partial batch filled and marked invalid. Images are resized to `image_size` (static grids)."""
+    partial batch filled and marked invalid. Images are resized to `image_size` (static grids).
+    `system_prompt`: the system turn of every prompt (use the one the model was trained with; None: no
+    system turn; "default": the pipeline's default instruction)."""
     from zipr1_jax.data.pipelines import PipelineConfig, eval_loader  # noqa: PLC0415
 
     name, src = eval_source(spec, limit=limit, seed=seed, image_size=image_size, difficulty=difficulty)
     size = tuple(int(x) for x in image_size) if image_size is not None else None
-    cfg = PipelineConfig(batch_size=batch_size, length_buckets=tuple(length_buckets), shuffle=False, image_size=size)
+    extra = {} if system_prompt == "default" else {"system_prompt": system_prompt}
+    cfg = PipelineConfig(batch_size=batch_size, length_buckets=tuple(length_buckets), shuffle=False, image_size=size,
+                         **extra)
     return EvalSet(name=name, loader=eval_loader(src, tokenizer, cfg, model_config=model_config), source=src,
                    image_size=size)

@@ -1,4 +1,4 @@
-"""Attention settings the evaluation harness compares (METHOD.md sections 4-5).
+"""Attention settings the evaluation harness compares (docs/method.md sections 4-5).
 
     dense                 full attention (model.prefill; token ratio 1)
     topp:P                ZipVL / ZipR1 top-p selection at threshold P (the production path)

@@ -3,6 +3,7 @@
   (a) `plot_accuracy_vs_ratio`: accuracy against token ratio; per model one curve through its
       top-p points (dense = the p = 1 end), other settings (top-k, threshold, FastV) as labelled
       markers. Several models (e.g. before / after RL) share the axes, one panel per set.
+  (a') `plot_tradeoff`: the same axes from plain (p, ratio, accuracy) curves, one line per group.
   (b) `plot_layer_ratios`: per-layer token ratio bars, one bar group per decoder layer.
   (c) `plot_kept_heatmap`: which image patches a layer keeps, drawn over the input image
       (one cell per merged patch = one LM token; see harness.image_keep_grid).
@@ -90,6 +91,35 @@ def plot_accuracy_vs_ratio(results, path: str | os.PathLike, *, title: str | Non
         ax.set_title(set_name if title is None else f"{title}: {set_name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_tradeoff(curves: Mapping[str, list[tuple[float, float, float]]], path: str | os.PathLike, *,
+                  title: str = "accuracy vs token ratio", annotate: tuple[str, ...] = ()) -> str:
+    """One accuracy-vs-token-ratio line per group (e.g. before RL and each arm averaged over seeds).
+
+    curves: {label: [(p, token_ratio, accuracy), ...]}; the p values of the groups in `annotate`
+    are written next to their points (annotating every group makes the picture unreadable).
+    """
+    if not curves:
+        raise ValueError("no curves to plot")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for label, pts in curves.items():
+        pts = sorted(pts, key=lambda t: t[1])
+        line, = ax.plot([t[1] for t in pts], [t[2] for t in pts], marker="o", label=label)
+        if label in annotate:
+            for p, x, y in pts:
+                ax.annotate(f"{p:g}", (x, y), textcoords="offset points", xytext=(-4, -12), fontsize=7,
+                            color=line.get_color())
+    ax.set_xlabel("token ratio (kept / all prompt tokens, mean over layers)")
+    ax.set_ylabel("accuracy (greedy)")
+    ax.set_xlim(0.0, 1.02)
+    ax.set_ylim(-0.02, 1.04)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
 

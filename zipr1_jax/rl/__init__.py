@@ -1,4 +1,4 @@
-"""ZipR1 RL (METHOD.md section 3): rewards, group-relative advantages and the GRPO / SFT losses.
+"""ZipR1 RL (docs/method.md section 3): rewards, group-relative advantages and the GRPO / SFT losses.
 
   rewards.py     host-side (numpy) rewards on decoded responses: accuracy, format, efficiency 1 - tau,
                  the group gate, a registry for user rewards, `compute_rewards`

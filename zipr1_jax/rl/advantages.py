@@ -1,4 +1,4 @@
-"""Group-relative advantages (METHOD.md section 3): one scalar per rollout, broadcast to its tokens.
+"""Group-relative advantages (docs/method.md section 3): one scalar per rollout, broadcast to its tokens.
 
 Rows are rollouts, ``R = prompts * G``, and the G rollouts of one prompt are contiguous rows, so a
 group is a row of ``r_R.reshape(-1, G)``. All functions are pure jnp (jittable; ``group_size``,

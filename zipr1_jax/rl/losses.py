@@ -1,4 +1,4 @@
-"""Policy-gradient and SFT losses (METHOD.md section 3): pure jnp, jittable, float32 math.
+"""Policy-gradient and SFT losses (docs/method.md section 3): pure jnp, jittable, float32 math.
 
 Per response token t of rollout b (``mask_BT`` marks response tokens):
 
@@ -156,6 +156,25 @@ def grpo_loss(logp_BT: Float[Array, "B T"], old_logp_BT: Float[Array, "B T"],
         "ratio_mean": jnp.where(m_BT, rho_BT, 0.0).sum() / n_tokens,
     }
     return loss, metrics
+
+
+def pathwise_efficiency_loss(soft_ratio_B: Float[Array, "B"], weight_B: Float[Array, "B"], lambda_path: float, *,
+                             num_rows: int | None = None) -> Float[Array, ""]:
+    """lambda_path * sum_b(w_b * tau_soft_b) / num_rows: the pathwise efficiency term (docs/method.md 3b).
+
+    The efficiency reward 1 - tau depends on the parameters directly, through the token ratio the
+    selection produces; its policy-gradient (REINFORCE) part vanishes because tau is fixed before the
+    response is sampled. This term is the missing derivative of that direct dependence, through the
+    relaxed ratio `soft_token_ratio` (differentiated) times a constant per-row weight w.
+    `num_rows` (default B) is the row count of the whole batch, so micro-batch terms add up to it.
+    """
+    tau_B = _f32(soft_ratio_B)
+    _check_same_shape("soft_ratio_B", tau_B.shape, weight_B=weight_B)
+    if tau_B.ndim != 1:
+        raise ValueError(f"soft_ratio_B must be 1-D [B], got shape {tau_B.shape}")
+    n = tau_B.shape[0] if num_rows is None else num_rows
+    w_B = jax.lax.stop_gradient(_f32(weight_B))
+    return jnp.float32(lambda_path) * jnp.sum(w_B * tau_B) / jnp.float32(max(n, 1))
 
 
 def token_logprobs_from_logits(logits_BTV: Float[Array, "B T V"], tokens_BT: Int[Array, "B T"], *,

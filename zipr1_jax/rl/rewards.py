@@ -1,4 +1,4 @@
-"""ZipR1 rewards (METHOD.md section 3): accuracy, efficiency, the group gate, and a registry.
+"""ZipR1 rewards (docs/method.md section 3): accuracy, efficiency, the group gate, and a registry.
 
     inputs = RewardInputs(responses=texts, answers=answers, answer_types=types, choices=choices,
                           token_ratio_R=out.token_ratio_B, group_size=G)
@@ -220,6 +220,27 @@ def group_gate(r_acc_R, group_size: int) -> np.ndarray:
     return np.repeat(any_G, group_size).astype(np.float32)
 
 
+PATH_WEIGHTS = ("correct", "gate", "one")
+
+
+def path_weights(r_acc_R, group_size: int, kind: str = "correct") -> np.ndarray:
+    """Per-rollout weight w of the pathwise efficiency term (docs/method.md 3b), float32 [R].
+
+    "correct": C * r_acc (only answers that were right under their budget push for fewer tokens;
+    since a correct row always has C = 1 this is r_acc itself); "gate": C, every row of a group
+    with at least one correct rollout; "one": every row.
+    """
+    r_acc_R = _check_vector(r_acc_R, "r_acc_R")
+    if kind not in PATH_WEIGHTS:
+        raise ValueError(f"path weight must be one of {PATH_WEIGHTS}, got {kind!r}")
+    c_R = group_gate(r_acc_R, group_size)
+    if kind == "correct":
+        return (c_R * r_acc_R).astype(np.float32)
+    if kind == "gate":
+        return c_R
+    return np.ones_like(r_acc_R)
+
+
 def combine_rewards(r_acc_R, r_eff_R, *, group_size: int, lambda_eff: float, gate: bool = True,
                     extra: Iterable[tuple[float, np.ndarray]] | None = None) -> np.ndarray:
     """r_R = r_acc + lambda_eff * C * r_eff + sum_k w_k * r_k  (C = 1 everywhere when ``gate=False``).
@@ -228,7 +249,7 @@ def combine_rewards(r_acc_R, r_eff_R, *, group_size: int, lambda_eff: float, gat
       r_acc_R, r_eff_R: accuracy and efficiency rewards [R].
       group_size: G (contiguous groups).
       lambda_eff: weight of the efficiency reward (>= 0; the paper uses 1).
-      gate: apply the group gate C (METHOD.md: without it all-wrong groups still reward pruning).
+      gate: apply the group gate C (docs/method.md: without it all-wrong groups still reward pruning).
       extra: (weight, r_R) pairs added to the total.
     Returns:
       r_R float32.

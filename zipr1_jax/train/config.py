@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from zipr1_jax.rl.rewards import PATH_WEIGHTS
+
 
 class TrainConfigError(ValueError):
     """A training config value is missing, unknown or impossible."""
@@ -106,7 +108,7 @@ class ModelSection:
     """Which model: a preset (shapes; random init for tiny presets) and/or a local HF directory."""
 
     PREFIX = "model"
-    preset: str = "tiny_qwen2_vl"
+    preset: str = "tiny_qwen2_vl_demo"
     hf_dir: str | None = None  # local directory with config.json + *.safetensors; overrides `preset`
     layers: int | None = None  # decoder depth of a tiny preset (None: the preset's)
     dtype: str = "float32"  # compute dtype
@@ -152,7 +154,7 @@ class ModelSection:
 
 @dataclass(frozen=True, kw_only=True)
 class SparsitySection:
-    """ZipVL top-p token selection in the decoder layers (METHOD.md sections 1-2)."""
+    """ZipVL top-p token selection in the decoder layers (docs/method.md sections 1-2)."""
 
     PREFIX = "sparsity"
     enabled: bool = True  # False: dense policy (baseline)
@@ -200,15 +202,20 @@ class DataSection:
     PREFIX = "data"
     source: str = "builtin"  # "builtin" | "jsonl" | "hf_disk" | "tfds"
     path: str | None = None  # dataset path / name for non-builtin sources
-    tasks: tuple[str, ...] | None = None  # built-in task names (None: every registered task)
+    # Built-in task names (None: every registered task). The demo's spot_color: one square of 2x2
+    # vision tokens on a 168-px image (36 vision tokens of a 65-token prompt; 4 hold the answer).
+    tasks: tuple[str, ...] | None = ("spot_color",)
     num_examples: int = 2048
-    image_size: tuple[int, int] = (56, 56)
+    image_size: tuple[int, int] = (168, 168)
     difficulty: int = 1
-    length_buckets: tuple[int, ...] = (64, 128)
+    length_buckets: tuple[int, ...] = (72, 80)
     batch_size: int = 4  # distinct prompts per RL step
     group_size: int = 8  # G rollouts per prompt
     tokenizer: str = "builtin"  # "builtin" (offline tiny tokenizer), "model" (files in model.hf_dir) or a dir
     seed: int = 0
+    # System turn of every prompt; null: none (the demo keeps prompts short so vision tokens dominate,
+    # as in real MLLM prompts). Real-model configs set an instruction here.
+    system_prompt: str | None = None
 
     SOURCES = ("builtin", "jsonl", "hf_disk", "tfds")
 
@@ -235,6 +242,7 @@ class DataSection:
         _int(self, "group_size", 1)
         _str(self, "tokenizer")
         _int(self, "seed", 0)
+        _str(self, "system_prompt", optional=True)
 
 
 SFT_TARGETS = ("answer", "all")
@@ -245,7 +253,7 @@ class SFTSection:
     """Supervised warm-up so that a randomly initialised model can earn accuracy reward."""
 
     PREFIX = "sft"
-    steps: int = 300  # 0 skips the warm-up
+    steps: int = 200  # 0 skips the warm-up
     lr: float = 3e-3
     warmup_steps: int = 20
     batch_size: int = 16
@@ -268,17 +276,19 @@ class SFTSection:
 
 @dataclass(frozen=True, kw_only=True)
 class RLSection:
-    """ZipR1 GRPO (METHOD.md section 3): optimiser, objective, rewards and sampling."""
+    """ZipR1 GRPO (docs/method.md section 3): optimiser, objective, rewards and sampling."""
 
     PREFIX = "rl"
-    steps: int = 40
-    lr: float = 3e-4
-    warmup_steps: int = 2
+    steps: int = 80
+    lr: float = 1e-3
+    warmup_steps: int = 10  # 2 at this lr made the first GRPO steps collapse accuracy (measured)
     schedule: str = "cosine"  # warmup then cosine decay to min_lr_ratio * lr, or constant
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     weight_decay: float = 0.0
-    beta_kl: float = 0.04  # k3 KL(pi_theta || pi_ref) coefficient; 0 skips the reference model
+    # k3 KL(pi_theta || pi_ref) coefficient; 0 skips the reference model. 0.5 (not the usual 0.04):
+    # the dense reference is the anchor that keeps accuracy while the pathwise term prunes.
+    beta_kl: float = 0.5
     eps_clip_low: float = 0.2
     eps_clip_high: float = 0.28  # clip-higher: the upper epsilon may differ
     mu: int = 1  # inner optimisation iterations per rollout batch
@@ -287,6 +297,11 @@ class RLSection:
     aggregation: str = "token"
     lambda_eff: float = 1.0  # weight of r_eff = 1 - token ratio
     gate: bool = True  # r_eff only counts in groups with at least one correct rollout
+    # The pathwise efficiency term (the gradient of the reward's direct dependence on the weights,
+    # through a relaxed token ratio): loss += lambda_path * mean(w * tau_soft). 0: paper-literal.
+    lambda_path: float = 1.0
+    path_weight: str = "correct"  # w: "correct" (C * r_acc), "gate" (C) or "one"
+    path_temperature: float = 0.05  # sigmoid temperature of the relaxed top-p cut (in attention mass)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -314,6 +329,9 @@ class RLSection:
         _choice(self, "aggregation", AGGREGATIONS)
         _float(self, "lambda_eff", 0.0)
         _bool(self, "gate")
+        _float(self, "lambda_path", 0.0)
+        _choice(self, "path_weight", PATH_WEIGHTS)
+        _float(self, "path_temperature", 0.0, lo_open=True)
         _float(self, "temperature", 0.0)
         _float(self, "top_p", 0.0, 1.0, lo_open=True)
         _int(self, "top_k", 0)
@@ -390,9 +408,9 @@ class LogSection:
 @dataclass(frozen=True, kw_only=True)
 class EvalSection:
     PREFIX = "eval"
-    num_examples: int = 64
+    num_examples: int = 256
     p_list: tuple[float, ...] = (1.0, 0.975)  # 1.0 = dense attention
-    batch_size: int = 16
+    batch_size: int = 64
     every: int = 0  # evaluate every N RL steps (0: only before RL and at the end)
 
     def __post_init__(self):

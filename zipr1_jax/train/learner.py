@@ -3,7 +3,7 @@
     learner = GRPOLearner(cfg, graphdef, tx, tokenizer, placement)
     state, metrics = learner.step(state, ref_params, batch, rng)
 
-Per step (METHOD.md section 3):
+Per step (docs/method.md section 3):
 1. rollout: G rollouts per prompt with the SPARSE policy, rollout n of a group at threshold p_n
    (multi-budget) -> tokens, log-probs, token ratios;
 2. rewards on the host (verifiers need strings): r = r_acc + lambda * C * (1 - tau);
@@ -15,6 +15,10 @@ Per step (METHOD.md section 3):
    policy's sets), the reference with DENSE attention from the frozen reference params.
    Old-policy log-probs are computed once per rollout batch (with mu = 1 they equal the current
    ones, so the surrogate uses a stop-gradient copy and saves that forward).
+5. the pathwise efficiency term (docs/method.md 3b, `lambda_path` > 0): the same sparse forward also
+   returns the relaxed token ratio of every sparse layer (same probes as the rollout's selection,
+   with gradient) and the loss adds lambda_path * mean_rows(w * tau_soft), w = `path_weight` of the
+   row's rewards. With lambda_path = 0 nothing of it is computed: the paper-literal learner.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ import optax
 from flax import nnx
 
 from zipr1_jax.kernels.sparse_attention.config import SparsityConfig
+from zipr1_jax.kernels.sparse_attention.selection import row_keys
 from zipr1_jax.rl.advantages import compute_advantages
-from zipr1_jax.rl.losses import grpo_loss, token_logprobs_from_logits
-from zipr1_jax.rl.rewards import RewardInputs, compute_rewards
+from zipr1_jax.rl.losses import grpo_loss, pathwise_efficiency_loss, token_logprobs_from_logits
+from zipr1_jax.rl.rewards import PATH_WEIGHTS, RewardInputs, compute_rewards, path_weights
 from zipr1_jax.rl.rollout import SamplingConfig, budget_thresholds, generate
 from zipr1_jax.train.batch import model_kwargs, response_positions, vision_arrays
 from zipr1_jax.train.distributed import put_rows, replicate, to_host_tree
@@ -56,6 +61,10 @@ class LearnerConfig:
     gate: bool = True
     grad_accum: int = 1
     extra_rewards: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # Pathwise efficiency term (docs/method.md 3b); 0 = the paper-literal objective.
+    lambda_path: float = 0.0
+    path_weight: str = "correct"
+    path_temperature: float = 0.02
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -64,15 +73,28 @@ class LearnerConfig:
             raise ValueError(f"LearnerConfig.mu and grad_accum must be >= 1, got {self.mu}, {self.grad_accum}")
         if self.beta < 0:
             raise ValueError(f"LearnerConfig.beta must be >= 0, got {self.beta}")
+        if self.lambda_path < 0 or self.path_temperature <= 0:
+            raise ValueError(f"LearnerConfig.lambda_path must be >= 0 and path_temperature > 0, got "
+                             f"{self.lambda_path}, {self.path_temperature}")
+        if self.path_weight not in PATH_WEIGHTS:
+            raise ValueError(f"LearnerConfig.path_weight must be one of {PATH_WEIGHTS}, got {self.path_weight!r}")
+        if self.lambda_path > 0 and not self.sparsity.enabled:
+            raise ValueError("LearnerConfig.lambda_path > 0 needs a sparse policy (sparsity.enabled)")
 
     @property
     def sparse(self) -> bool:
         return self.sparsity.enabled
 
+    @property
+    def pathwise(self) -> bool:
+        return self.lambda_path > 0
+
 
 # ---------------------------------------------------------------------- jitted pure functions
-def _sequence_logprobs(params, seq, vision, p_R, sel_rng, *, graphdef, grids, sparsity, L, temperature):
-    """log pi(response token) [R, T] (temperature-scaled like the sampler) and token ratio [R]."""
+def _sequence_logprobs(params, seq, vision, p_R, sel_rng, *, graphdef, grids, sparsity, L, temperature,
+                       soft_temperature=None):
+    """log pi(response token) [R, T] (temperature-scaled like the sampler), token ratio [R] and,
+    with `soft_temperature`, the relaxed ratio over the sparse layers [R] (with gradient; else None)."""
     model = nnx.merge(graphdef, params)
     kw = model_kwargs(vision, grids)
     T = seq["ids"].shape[1] - L
@@ -83,45 +105,64 @@ def _sequence_logprobs(params, seq, vision, p_R, sel_rng, *, graphdef, grids, sp
         # The rollout's kept sets (when given) rather than a re-selection: see models/qwen_vl/sparse.py.
         out = model.sparse_forward(seq["ids"], sparsity=sparsity, p_B=p_R, rng=sel_rng, attention_mask_BL=seq["mask"],
                                    position_ids_3BL=seq["pos"], select_end=L, logits_slice=window,
-                                   kept_BYE=seq.get("keep"), **kw)
-        ratio_R = out.token_ratio_B
+                                   kept_BYE=seq.get("keep"), soft_temperature=soft_temperature, **kw)
+        ratio_R, soft_R = out.token_ratio_B, out.soft_ratio_B
     else:
+        if soft_temperature is not None:
+            raise ValueError("the relaxed token ratio needs the sparse forward (sparsity=None given)")
+        soft_R = None
         out = model(seq["ids"], attention_mask_BL=seq["mask"], position_ids_3BL=seq["pos"], logits_slice=window,
                     vision_end=L, **kw)
         ratio_R = jnp.ones(seq["ids"].shape[:1], jnp.float32)
     logits_RTV = out.logits
     if temperature > 0:
         logits_RTV = logits_RTV / temperature
-    return token_logprobs_from_logits(logits_RTV, seq["ids"][:, L:]), ratio_R
+    return token_logprobs_from_logits(logits_RTV, seq["ids"][:, L:]), ratio_R, soft_R
 
 
 def _logprobs_only(params, seq, vision, p_R, sel_rng, **static):
     return _sequence_logprobs(params, seq, vision, p_R, sel_rng, **static)[0]
 
 
-def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, ref_logp_RT, rollout_logp_RT, *,
-            tx, graphdef, grids, sparsity, L, temperature, loss_kw, grad_accum, aggregation):
-    """One optimizer step on the GRPO loss, gradients accumulated over `grad_accum` row slices."""
+def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, ref_logp_RT, rollout_logp_RT,
+            path_w_R=None, *, tx, graphdef, grids, sparsity, L, temperature, loss_kw, grad_accum, aggregation,
+            path_kw=None):
+    """One optimizer step on the GRPO loss, gradients accumulated over `grad_accum` row slices.
+
+    `path_kw` (dict(lambda_path=, temperature=)) with `path_w_R` [R] adds the pathwise efficiency
+    term; its gradient is taken separately (a second cotangent of the same forward) so its share of
+    the gradient norm can be logged. None: the paper-literal loss, computed exactly as without it.
+    """
     mask_RT = seq["mask"][:, L:] > 0
     R = mask_RT.shape[0]
     rows = R // grad_accum
+    soft_T = None if path_kw is None else path_kw["temperature"]
+    # Per-row selection keys, sliced with their rows: every micro-batch draws the rollout's probes.
+    keys_R = row_keys(sel_rng, R)
 
     def loss_fn(params, sl):
         # Rows are axis 0 of every entry except the M-RoPE positions [3, R, L] (axis 1).
         s = {k: (v[:, sl] if k == "pos" else v[sl]) for k, v in seq.items()}
-        logp_RT = _logprobs_only(params, s, vision, p_R[sl], sel_rng, graphdef=graphdef, grids=grids,
-                                 sparsity=sparsity, L=L, temperature=temperature)
+        logp_RT, _, soft_R = _sequence_logprobs(params, s, vision, p_R[sl], keys_R[sl], graphdef=graphdef, grids=grids,
+                                                sparsity=sparsity, L=L, temperature=temperature,
+                                                soft_temperature=soft_T)
         old = jax.lax.stop_gradient(logp_RT) if old_logp_RT is None else old_logp_RT[sl]
         ref = None if ref_logp_RT is None else ref_logp_RT[sl]
         loss, metrics = grpo_loss(logp_RT, old, ref, adv_R[sl], mask_RT[sl], aggregation=aggregation, **loss_kw)
         m = mask_RT[sl]
         mismatch = jnp.sum(jnp.abs(logp_RT - rollout_logp_RT[sl]) * m) / jnp.maximum(jnp.sum(m), 1)
-        return loss, {**metrics, "logp_mismatch": jax.lax.stop_gradient(mismatch)}
+        metrics = {**metrics, "logp_mismatch": jax.lax.stop_gradient(mismatch)}
+        if path_kw is None:
+            return loss, metrics
+        path = pathwise_efficiency_loss(soft_R, path_w_R[sl], path_kw["lambda_path"], num_rows=R)
+        # Row sums over the whole batch (divided by R): slices add up without token weights.
+        path_metrics = {"soft_ratio": jnp.sum(soft_R) / R, "path_term": path}
+        return (loss, path), (metrics, jax.tree.map(jax.lax.stop_gradient, path_metrics))
 
     # Weights make the accumulated loss equal to the loss of the whole batch.
     n_tok = jnp.maximum(jnp.sum(mask_RT), 1)
     n_rows = jnp.maximum(jnp.sum(jnp.any(mask_RT, axis=1)), 1)
-    grads, metrics = None, None
+    grads, metrics, path_grads = None, None, None
     for i in range(grad_accum):
         sl = slice(i * rows, (i + 1) * rows)
         if aggregation == "token":
@@ -130,14 +171,30 @@ def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, re
             w = jnp.sum(jnp.any(mask_RT[sl], axis=1)) / n_rows
         else:
             w = 1.0 / grad_accum
-        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, sl)
+        if path_kw is None:
+            (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, sl)
+            extra = {}
+        else:
+            (loss, path), vjp_fn, (m, extra) = jax.vjp(lambda prm: loss_fn(prm, sl), state.params, has_aux=True)
+            one, zero = jnp.ones_like(loss), jnp.zeros_like(path)
+            g, = vjp_fn((one, zero))
+            gp, = vjp_fn((jnp.zeros_like(loss), jnp.ones_like(path)))
+            path_grads = gp if path_grads is None else jax.tree.map(jnp.add, path_grads, gp)
         g = jax.tree.map(lambda x: x * w, g)
         m = {k: v * w for k, v in {**m, "loss": loss}.items()}
+        m.update(extra)
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+    if path_grads is not None:
+        metrics["grpo_grad_norm"] = optax.global_norm(grads)
+        metrics["path_grad_norm"] = optax.global_norm(path_grads)
+        grads = jax.tree.map(jnp.add, grads, path_grads)
+        metrics["loss"] = metrics["loss"] + metrics["path_term"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    if path_grads is not None:
+        metrics["path_grad_share"] = metrics["path_grad_norm"] / jnp.maximum(metrics["grad_norm"], 1e-30)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
@@ -218,6 +275,8 @@ class GRPOLearner:
                      "rollout_logp": np.asarray(out.logprobs_BT, np.float32)}
         if c.sparse and out.keep_BYL is not None:
             host_rows["keep"] = np.asarray(out.keep_BYL, bool)  # [R, Y, L]: the sampler's kept prompt keys
+        if c.pathwise:
+            host_rows["path_w"] = path_weights(rewards["accuracy"], c.group_size, c.path_weight)
         rows = put_rows(pl, host_rows)
         pos = jax.device_put(seq["pos"], pl.replicated)
         vision = pl.replicate(vision)
@@ -237,10 +296,12 @@ class GRPOLearner:
         upd_static = dict(static, tx=self.tx, loss_kw=dict(beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high),
                           grad_accum=c.grad_accum, aggregation=c.aggregation)
         upd_static["loss_kw"] = tuple(sorted(upd_static["loss_kw"].items()))
+        if c.pathwise:
+            upd_static["path_kw"] = (("lambda_path", c.lambda_path), ("temperature", c.path_temperature))
         metrics = {}
         for _ in range(c.mu):
             state, metrics = pl.jit(_update_static_kw, state, seq_d, vision, rows["p"], sel_rng, rows["adv"], old_logp,
-                                    ref_logp, rows["rollout_logp"], static=upd_static,
+                                    ref_logp, rows["rollout_logp"], rows.get("path_w"), static=upd_static,
                                     out_shardings=(self.state_shardings, pl.replicated), donate=(0,))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         lengths = mask.sum(axis=1)
@@ -259,6 +320,7 @@ class GRPOLearner:
         return state, metrics, {"responses": responses, "rewards": rewards}
 
 
-def _update_static_kw(state, seq, vision, p_R, sel_rng, adv_R, old_logp, ref_logp, rollout_logp, *, loss_kw, **kw):
-    return _update(state, seq, vision, p_R, sel_rng, adv_R, old_logp, ref_logp, rollout_logp, loss_kw=dict(loss_kw),
-                   **kw)
+def _update_static_kw(state, seq, vision, p_R, sel_rng, adv_R, old_logp, ref_logp, rollout_logp, path_w=None, *,
+                      loss_kw, path_kw=None, **kw):
+    return _update(state, seq, vision, p_R, sel_rng, adv_R, old_logp, ref_logp, rollout_logp, path_w,
+                   loss_kw=dict(loss_kw), path_kw=None if path_kw is None else dict(path_kw), **kw)

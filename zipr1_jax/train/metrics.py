@@ -26,7 +26,7 @@ JSONL_NAME = "metrics.jsonl"
 TB_DIR_NAME = "tensorboard"
 # Shown on the progress bar when present (short label, metric key, format).
 PROGRESS_FIELDS = (("reward", "reward", ".3f"), ("acc", "accuracy", ".3f"), ("ratio", "token_ratio", ".3f"),
-                   ("kl", "kl", ".4f"), ("loss", "loss", ".4f"))
+                   ("soft", "soft_ratio", ".3f"), ("kl", "kl", ".4f"), ("loss", "loss", ".4f"))
 
 
 def _process_index() -> int:

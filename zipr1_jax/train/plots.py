@@ -1,4 +1,4 @@
-"""PNG plots of a run's metrics (accuracy, token ratio, reward, KL, loss) from its metrics.jsonl.
+"""PNG plots of a run's metrics (accuracy, token ratio, relaxed ratio, pathwise gradient share, reward, KL, loss) from its metrics.jsonl.
 
 Matplotlib with the Agg backend (no display). A resumed run may log a step twice; the last record
 of each (phase, step) wins, so the curves show what the final run did.
@@ -10,9 +10,11 @@ import json
 import os
 from collections.abc import Sequence
 
-DEFAULT_KEYS = ("accuracy", "token_ratio", "reward", "kl", "loss")
+DEFAULT_KEYS = ("accuracy", "token_ratio", "soft_ratio", "path_grad_share", "reward", "kl", "loss")
 TITLES = {"accuracy": "accuracy", "token_ratio": "token ratio (kept / all)", "reward": "mean reward",
-          "kl": "KL(pi || ref), k3", "loss": "loss"}
+          "kl": "KL(pi || ref), k3", "loss": "loss",
+          "soft_ratio": "relaxed token ratio (pathwise term, sparse layers)",
+          "path_grad_share": "pathwise term's share of the gradient norm"}
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

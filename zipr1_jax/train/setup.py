@@ -112,7 +112,8 @@ class Job:
         # Data. Batch sizes are global. With several processes each reads only its rows of every
         # global batch (distributed.ProcessRows) and `next_batch` gathers the global host batch.
         d = cfg.data
-        common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size)
+        common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size,
+                      system_prompt=d.system_prompt)
         train_src = _source(cfg, eval_split=False)
         self.sft_loader = self.rl_loader = None
         if cfg.sft.steps > 0:
@@ -148,7 +149,8 @@ class Job:
             group_size=d.group_size, sampling=sampling, sparsity=self.sparsity, p_grid=cfg.sparsity.p_grid,
             budget=cfg.sparsity.budget, beta=r.beta_kl, eps_low=r.eps_clip_low, eps_high=r.eps_clip_high, mu=r.mu,
             advantage=r.advantage, adv_eps=r.adv_eps, aggregation=r.aggregation, lambda_eff=r.lambda_eff,
-            gate=r.gate, grad_accum=r.grad_accum)
+            gate=r.gate, grad_accum=r.grad_accum, lambda_path=r.lambda_path, path_weight=r.path_weight,
+            path_temperature=r.path_temperature)
         self.ckpt = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                  save_every=cfg.checkpoint.save_every, async_save=cfg.checkpoint.async_save)
         self.logger = MetricsLogger(self.out_dir, total_steps=cfg.sft.steps, phase="sft",
@@ -280,12 +282,14 @@ class Job:
                                   pad_id=self.special.pad, seed=self.cfg.seed, context=context,
                                   sparsity=self.sparsity)
             results.update(res.metrics())
+            results["eval_examples"] = res.num_examples
         return results
 
     def eval_and_log(self, params, g: int, tag: str) -> dict:
         metrics = self.evaluate(params)
         self.logger.log(g, metrics, phase="eval", show=False)
-        self.logger.write(f"eval ({tag}, step {g}): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        self.logger.write(f"eval ({tag}, step {g}): " + ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if tag == "before_rl" and jax.process_index() == 0:
             # Kept on disk: a run resumed mid-RL still compares its final numbers with the SFT model.
             with open(os.path.join(self.out_dir, BEFORE_RL_EVAL), "w") as f:

@@ -15,6 +15,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (255, 255, 255)
+GREY = (128, 128, 128)  # clutter that is no answer colour
 
 # Segments a..g of a 7-segment display per digit.
 _SEGMENTS = {

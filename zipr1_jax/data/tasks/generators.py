@@ -5,8 +5,10 @@ per cell and fully inside it, so answers can be recounted from pixels (the tests
 grows the grid (more objects/distractors), the palette, and digit-string length; image size grows
 the number of vision tokens.
 
-Default tiny run: ``big_color`` (one big square, 4 colours, one-word answer; chance = 25%) is the
-task a 2-layer / hidden-64 model learns in a few CPU minutes. ``color_at`` / ``compare_counts``
+Default tiny run: ``spot_color`` (one square of 2x2 merged vision tokens on a blank 168-px image:
+36 vision tokens of which 4 hold the answer; 4 colours, chance = 25%) is the task
+the 4-layer / hidden-64 demo model learns in a few CPU minutes and then learns to prune for.
+``big_color`` (one big square) is the easiest task. ``color_at`` / ``compare_counts``
 are the next step up; ``count_color``, ``shape_at`` and ``read_digits`` need a real model.
 """
 
@@ -112,6 +114,30 @@ def big_color(rng, difficulty, height, width):
   return img, "what color is the big square?", color, "exact", ()
 
 
+def spot_color(rng, difficulty, height, width):
+  """'what color is the small square?' — one square covering 2x2 merged vision tokens (56 px on the
+  28-px token grid), so on a 168-px image 4 of the 36 vision tokens hold the answer (the regime
+  token sparsity is for). Difficulty > 1 adds grey clutter (squares and circles) outside it.
+  """
+  unit = 28  # one merged vision token (2x2 patches of 14 px)
+  colors = tuple(drawing.COLORS)[:4]
+  color = colors[int(rng.integers(len(colors)))]
+  img = drawing.blank(height, width)
+  size = 2 * unit
+  if height < size or width < size:
+    raise ValueError(f"spot_color: image {height}x{width} is smaller than the {size}-px square")
+  top = unit * int(rng.integers(0, (height - size) // unit + 1))
+  left = unit * int(rng.integers(0, (width - size) // unit + 1))
+  for _ in range((difficulty - 1) * 4):
+    s = int(rng.integers(unit // 3, unit + 1))
+    y, x = int(rng.integers(0, height - s + 1)), int(rng.integers(0, width - s + 1))
+    if y + s <= top or y >= top + size or x + s <= left or x >= left + size:
+      mask = drawing.shape_mask(("square", "circle")[int(rng.integers(2))], s)[..., None]
+      img[y:y + s, x:x + s] = np.where(mask, np.uint8(drawing.GREY), img[y:y + s, x:x + s])
+  drawing.draw_shape(img, "square", color, top, left, size)
+  return img, "what color is the small square?", color, "exact", ()
+
+
 def count_color(rng, difficulty, height, width):
   img, scene = _grid_scene(rng, difficulty, height, width)
   colors = palette(difficulty)
@@ -184,10 +210,11 @@ GENERATORS: dict[str, Callable] = {
     "shape_at": shape_at,
     "compare_counts": compare_counts,
     "read_digits": read_digits,
+    "spot_color": spot_color,
 }
 # Stable ids feed the RNG key: append new tasks at the end only.
 TASKS: tuple[str, ...] = tuple(GENERATORS)
-TINY_RUN_TASKS: tuple[str, ...] = ("big_color",)
+TINY_RUN_TASKS: tuple[str, ...] = ("spot_color",)
 
 
 def generate_example(task: str, *, seed: int, index: int, difficulty: int = 1,

@@ -1,4 +1,4 @@
-"""One dispatcher for ZipR1 sparse attention over kept keys (METHOD.md section 2).
+"""One dispatcher for ZipR1 sparse attention over kept keys (docs/method.md section 2).
 
 `sparse_attention` gathers the kept K/V (plain JAX gather: its autodiff scatters the gradients
 back to the full K/V) into a static capacity T and calls the backend's `attend_compact`:

@@ -1,4 +1,4 @@
-"""Frozen configs of ZipR1 top-p token selection and sparse attention (METHOD.md sections 1-2).
+"""Frozen configs of ZipR1 top-p token selection and sparse attention (docs/method.md sections 1-2).
 
 Both are `frozen=True, kw_only=True` dataclasses validated in `__post_init__`; being hashable they
 can be passed as static jit arguments.
@@ -15,7 +15,7 @@ BACKENDS = ("xla", "pallas_tpu", "pallas_triton")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SelectionConfig:
-    """How the keys of one layer are scored and cut (METHOD 1.1-1.5).
+    """How the keys of one layer are scored and cut (docs/method.md 1.1-1.5).
 
     Attributes:
       probe_recent: fraction of the VALID positions taken as the most recent probe queries.
@@ -27,7 +27,7 @@ class SelectionConfig:
       keep_probe_window: always keep the keys of the recent-probe window (the last
         `probe_recent` fraction of valid positions, also with probes="all") *(ours)*.
       per_kv_head: one kept set per kv head. Not supported: the compact cache layout and the
-        kernels share one kept set per layer, so True is rejected here (METHOD 1.2 default).
+        kernels share one kept set per layer, so True is rejected here (docs/method.md 1.2 default).
       normalise: divide key j's score by the number of probes that can see it (ZipCache).
     """
 
@@ -58,7 +58,7 @@ class SelectionConfig:
         if self.per_kv_head:
             raise ValueError("SelectionConfig.per_kv_head=True is not supported: the compact KV "
                              "cache and kernels use one kept set per layer (scores are summed over "
-                             "kv heads, METHOD 1.2)")
+                             "kv heads, docs/method.md 1.2)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

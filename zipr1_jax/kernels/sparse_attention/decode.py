@@ -1,4 +1,4 @@
-"""Decode attention over a (pruned) per-layer KV cache (METHOD.md section 2, decoding).
+"""Decode attention over a (pruned) per-layer KV cache (docs/method.md section 2, decoding).
 
 The cache holds each row's valid entries at the FRONT: `length_B` slots (kept prefill tokens
 compacted + generated tokens). The T new tokens already sit at slots [length - T, length) and

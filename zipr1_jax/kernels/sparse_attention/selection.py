@@ -1,4 +1,4 @@
-"""ZipR1 top-p token selection for one decoder layer (METHOD.md section 1).
+"""ZipR1 top-p token selection for one decoder layer (docs/method.md section 1).
 
 Pure JAX with static shapes (jittable, vmappable over nothing: the batch is explicit):
 
@@ -14,7 +14,9 @@ Pure JAX with static shapes (jittable, vmappable over nothing: the batch is expl
    reaches p * total; p = 1.0 keeps every valid key (no floating-point gamble);
 5. always keep the first valid token and the recent-probe window (*ours*), never padding.
 
-Selection is a stop-gradient choice: inputs are wrapped in `lax.stop_gradient`.
+Selection is a stop-gradient choice: inputs are wrapped in `lax.stop_gradient`. Its kept count is
+piecewise constant in the parameters, so the learner's efficiency gradient (docs/method.md 3b) uses
+`soft_token_ratio`: the same probes and ranking with a sigmoid in place of the hard cut.
 """
 
 from __future__ import annotations
@@ -86,8 +88,26 @@ def num_probe_slots(S: int, config: SelectionConfig) -> int:
     return max(1, int(total.max()))
 
 
+def row_keys(rng, B: int):
+    """Per-row selection keys [B]: a single key is split into B; a [B] key array passes through.
+
+    Keys per row make a row's random probes independent of the batch it sits in, so a learner that
+    slices a rollout batch into micro-batches (handing each slice its rows' keys) draws the probes
+    the rollout drew.
+    """
+    if rng is None:
+        return None
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        raise ValueError("selection keys must be typed jax.random.key(...) keys (not raw uint32 PRNGKey data)")
+    if rng.ndim == 0:
+        return jax.random.split(rng, B)
+    if rng.shape != (B,):
+        raise ValueError(f"per-row selection keys must have shape ({B},), got {rng.shape}")
+    return rng
+
+
 def choose_probes(valid_BS: Bool[Array, "B S"], config: SelectionConfig, rng) -> tuple[Array, Array, Array]:
-    """Probe positions per row in static slots.
+    """Probe positions per row in static slots. `rng`: one key for the batch, or [B] per-row keys.
 
     Returns:
       probe_pos_BR int32 (slot -> original position, 0 for unused slots), probe_ok_BR bool,
@@ -106,7 +126,10 @@ def choose_probes(valid_BS: Bool[Array, "B S"], config: SelectionConfig, rng) ->
             raise ValueError("select_topp needs an `rng` key when probes='sampled' and probe_random > 0")
         rng = jax.random.key(0)
     # Random probes: a uniformly random order of the eligible ranks [0, n - recent).
-    u_BS = jax.random.uniform(rng, (B, S))
+    if rng.ndim == 0:
+        u_BS = jax.random.uniform(rng, (B, S))
+    else:
+        u_BS = jax.vmap(lambda key: jax.random.uniform(key, (S,)))(rng)
     eligible_BS = rank_S[None, :] < (n_B - recent_B)[:, None]
     order_BS = jnp.argsort(jnp.where(eligible_BS, u_BS, 2.0), axis=1, stable=True).astype(jnp.int32)
     recent_rank_BR = n_B[:, None] - recent_B[:, None] + slot_R[None, :]
@@ -218,12 +241,79 @@ def select_topp(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"]
     probe_pos_BR, probe_ok_BR, _ = choose_probes(valid_BS, config, rng)
     score_BS = probe_scores(q_BLNH, k_BSKH, valid_BS, probe_pos_BR, probe_ok_BR,
                             normalise=config.normalise, sm_scale=sm_scale)
-    keep_BS = topp_keep(score_BS, valid_BS, p_B)
+    keep_BS = topp_keep(score_BS, valid_BS, p_B) | always_kept(valid_BS, config)
+    return compact(keep_BS, valid_BS)
+
+
+def always_kept(valid_BS: Bool[Array, "B S"], config: SelectionConfig) -> Bool[Array, "B S"]:
+    """Keys kept whatever their score: the first valid token and the recent-probe window (*ours*)."""
     rank_BS = jnp.cumsum(valid_BS, axis=1) - 1
     n_B = valid_BS.sum(axis=1)
+    keep_BS = jnp.zeros(valid_BS.shape, bool)
     if config.keep_first:
         keep_BS = keep_BS | (valid_BS & (rank_BS == 0))
     if config.keep_probe_window:
         window_B = probe_window(n_B, config)
         keep_BS = keep_BS | (valid_BS & (rank_BS >= (n_B - window_B)[:, None]))
-    return compact(keep_BS, valid_BS)
+    return keep_BS
+
+
+# ---------------------------------------------------------------------- the relaxed count (docs/method.md 3b)
+def soft_topp_count(score_BS: Float[Array, "B S"], valid_BS: Bool[Array, "B S"], p_B: Float[Array, "B"], *,
+                    temperature: float, forced_BS: Bool[Array, "B S"] | None = None) -> Float[Array, "B"]:
+    """Differentiable version of `topp_keep(...).sum(1)` (plus `forced_BS` keys, counted as kept).
+
+    Keys are ranked by the STOP-GRADIENT scores exactly as `topp_keep` ranks them; the key at rank k
+    counts sigmoid((p * total - C_k) / (T * total)), C_k = the score ranked before it (exclusive
+    cumulative sum, the same float cumsum the hard cut compares). The hard rule keeps rank k iff
+    C_k < p * total (rank 0 always), so as T -> 0 the sum tends to the hard count (a key exactly on
+    the cut counts 1/2 at every T). Gradients reach the scores through C_k and the total: moving
+    mass onto the top-ranked keys pushes the later ones past the cut. p >= 1 keeps every valid key
+    (a constant, no gradient), as `topp_keep` does; a row whose total is 0 counts its best key.
+    """
+    if not temperature > 0:
+        raise ValueError(f"soft_topp_count: temperature must be > 0, got {temperature!r}")
+    B, S = score_BS.shape
+    score = jnp.where(valid_BS, score_BS.astype(jnp.float32), 0.0)
+    n_B = valid_BS.sum(axis=1)
+    order_BS = jnp.argsort(jnp.where(valid_BS, -jax.lax.stop_gradient(score), jnp.inf), axis=1, stable=True)
+    sorted_BS = jnp.take_along_axis(score, order_BS, axis=1)
+    csum_BS = jnp.cumsum(sorted_BS, axis=1)
+    total_B = csum_BS[:, -1]
+    before_BS = jnp.concatenate([jnp.zeros((B, 1), jnp.float32), csum_BS[:, :-1]], axis=1)
+    p = jnp.asarray(p_B, jnp.float32)
+    pos = total_B > 0
+    scale_B = jnp.where(pos, temperature * total_B, 1.0)
+    soft_BS = jax.nn.sigmoid(((p * total_B)[:, None] - before_BS) / scale_B[:, None])
+    rank_S = jnp.arange(S)[None, :]
+    soft_BS = jnp.where(pos[:, None], soft_BS, (rank_S == 0).astype(jnp.float32))
+    soft_BS = jnp.where((p >= 1.0)[:, None], 1.0, soft_BS)
+    if forced_BS is not None:
+        forced_sorted_BS = jnp.take_along_axis(forced_BS & valid_BS, order_BS, axis=1)
+        soft_BS = jnp.where(forced_sorted_BS, 1.0, soft_BS)
+    soft_BS = jnp.where(rank_S < n_B[:, None], soft_BS, 0.0)
+    return soft_BS.sum(axis=1)
+
+
+def soft_token_ratio(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"], valid_BS: Bool[Array, "B S"],
+                     p_B, *, temperature: float, config: SelectionConfig = SelectionConfig(), rng=None,
+                     sm_scale: float | None = None) -> Float[Array, "B"]:
+    """Relaxed token ratio of one layer WITH gradient: `select_topp`'s ratio made differentiable.
+
+    Same probes (same `rng`, same config), same float32 probe scores and ranking as `select_topp`,
+    but q and k keep their gradient and the kept count is `soft_topp_count` (always-kept keys count
+    1). Returns b_soft / n_valid per row (0 for an all-padding row); as temperature -> 0 it tends
+    to `select_topp(...).token_ratio_B`.
+    """
+    B, S = valid_BS.shape
+    if q_BLNH.shape[:2] != (B, S) or k_BSKH.shape[:2] != (B, S):
+        raise ValueError(f"soft_token_ratio scores a prefill: q {q_BLNH.shape} and k {k_BSKH.shape} must "
+                         f"start with (B, S) = {(B, S)}")
+    p_B = jnp.broadcast_to(jnp.asarray(p_B, jnp.float32), (B,))
+    probe_pos_BR, probe_ok_BR, _ = choose_probes(valid_BS, config, rng)
+    score_BS = probe_scores(q_BLNH, k_BSKH, valid_BS, probe_pos_BR, probe_ok_BR, normalise=config.normalise,
+                            sm_scale=sm_scale)
+    count_B = soft_topp_count(score_BS, valid_BS, p_B, temperature=temperature,
+                              forced_BS=always_kept(valid_BS, config))
+    n_B = valid_BS.sum(axis=1).astype(jnp.float32)
+    return jnp.where(n_B > 0, count_B / jnp.maximum(n_B, 1.0), 0.0)

@@ -1,4 +1,4 @@
-"""Baseline keep rules next to ZipR1's top-p (METHOD.md section 5): fixed top-k ratio, fixed score
+"""Baseline keep rules next to ZipR1's top-p (docs/method.md section 5): fixed top-k ratio, fixed score
 threshold, and FastV's visual-token pruning. Pure JAX, static shapes, one keep set per layer.
 
 Top-k and threshold rank keys with exactly the score `select_topp` uses (same probes, float32

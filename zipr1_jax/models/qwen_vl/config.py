@@ -366,6 +366,12 @@ def tiny_qwen2_vl(*, vocab_size: int = 263, layers: int = 2, tie: bool = False, 
     return QwenVLConfig(family="qwen2_vl", text=text, vision=vision, name="tiny_qwen2_vl", **ids, **kw)
 
 
+def tiny_qwen2_vl_demo(*, layers: int = 4, **kw) -> QwenVLConfig:
+    """The embedded default run's model: `tiny_qwen2_vl` with 4 decoder layers (deep enough that
+    its attention can concentrate; the 2-layer model's stays near uniform)."""
+    return dataclasses.replace(tiny_qwen2_vl(layers=layers, **kw), name="tiny_qwen2_vl_demo")
+
+
 def tiny_qwen2_5_vl(*, vocab_size: int = 263, layers: int = 2, tie: bool = False, **kw) -> QwenVLConfig:
     ids = {**TINY_SPECIAL_IDS, **{k: kw.pop(k) for k in list(kw) if k in TINY_SPECIAL_IDS}}
     text = TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=131, num_hidden_layers=layers,
@@ -382,6 +388,7 @@ PRESETS = {
     "qwen2_vl_2b": qwen2_vl_2b, "qwen2_vl_7b": qwen2_vl_7b, "qwen2_vl_72b": qwen2_vl_72b,
     "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b, "qwen2_5_vl_32b": qwen2_5_vl_32b,
     "qwen2_5_vl_72b": qwen2_5_vl_72b, "tiny_qwen2_vl": tiny_qwen2_vl, "tiny_qwen2_5_vl": tiny_qwen2_5_vl,
+    "tiny_qwen2_vl_demo": tiny_qwen2_vl_demo,
 }
 REAL_PRESETS = tuple(k for k in PRESETS if not k.startswith("tiny"))
 

@@ -1,4 +1,4 @@
-"""ZipR1 top-p sparse attention inside the Qwen-VL decoder (METHOD.md sections 1-2).
+"""ZipR1 top-p sparse attention inside the Qwen-VL decoder (docs/method.md sections 1-2).
 
 Two entry points, attached to `QwenVLForConditionalGeneration` through `SparseMixin`:
 
@@ -11,15 +11,15 @@ Two entry points, attached to `QwenVLForConditionalGeneration` through `SparseMi
     Same selection with E = L; each layer's kept K/V entries are compacted to the front of the
     KV cache (original order) with per-layer length = kept count, so decode reads only them.
 
-Both use the per-layer selection key `jax.random.fold_in(rng, y)`. Because attention is causal, the
-prompt columns of `sparse_forward(prompt + response, select_end=L_prompt)` see exactly what the
+Both use the per-layer selection keys `fold_in(key_b, y)` (key_b: row b's key, `row_keys`). Because
+attention is causal, the prompt columns of `sparse_forward(prompt + response, select_end=L_prompt)` see exactly what the
 prefill saw, so they pick the same kept sets. The learner does not rely on that recomputation:
 `sparse_prefill(..., return_keep=True)` hands the rollout's kept sets out and
 `sparse_forward(..., kept_BYE=)` reuses them, so a near-tie at the top-p cut (two differently
 shaped float computations) cannot flip a key between sampler and learner, and the learner skips
 the selection work.
 
-Token ratios (METHOD 1.6):
+Token ratios (docs/method.md 1.6):
   layer_ratio_BY[b, y] = kept prompt keys / valid prompt keys of row b in layer y (the [0, E) slice;
     0 for an all-padding row) for a sparse layer, and exactly 1.0 for a dense layer (a layer not in
     `sparsity.layers`, or `sparsity.enabled=False`): a dense layer keeps everything.
@@ -39,13 +39,15 @@ prune later ones). It replaces `layer_keep` and `sparsity.layers`; attention / c
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from zipr1_jax.kernels.sparse_attention import SelectionConfig, SparsityConfig, select_topp, sparse_attention
-from zipr1_jax.kernels.sparse_attention.selection import compact
+from zipr1_jax.kernels.sparse_attention.selection import compact, row_keys, soft_token_ratio
 from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front
 from zipr1_jax.models.qwen_vl.text import dense_attention, slice_positions
 from zipr1_jax.typing import Array, Bool, Float
@@ -53,11 +55,17 @@ from zipr1_jax.typing import Array, Bool, Float
 
 @struct.dataclass
 class SparseOutput:
-    """logits [B, L, V] float32; token_ratio_B [B]; layer_ratio_BY [B, Y] (see module docstring)."""
+    """logits [B, L, V] float32; token_ratio_B [B]; layer_ratio_BY [B, Y] (see module docstring).
+
+    With `soft_temperature` set: soft_layer_ratio_BY [B, Y] (the relaxed ratio of every sparse layer,
+    WITH gradient; 1.0 in dense layers) and soft_ratio_B [B], its mean over the SPARSE layers only.
+    """
 
     logits: jax.Array
     token_ratio_B: jax.Array
     layer_ratio_BY: jax.Array
+    soft_ratio_B: jax.Array | None = None
+    soft_layer_ratio_BY: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------- pure per-layer pieces
@@ -93,9 +101,9 @@ def attend_kept(q_BLNH, k_BLKH, v_BLKH, keep_BL: Bool[Array, "B L"], *, sparsity
                             capacity_buckets=sparsity.capacity_buckets)
 
 
-def layer_rng(rng, layer: int):
-    """Selection key of decoder layer `layer` (shared by sparse_forward and sparse_prefill)."""
-    return None if rng is None else jax.random.fold_in(rng, layer)
+def layer_rng(rng_B, layer: int):
+    """Per-row selection keys [B] of decoder layer `layer` (shared by sparse_forward and sparse_prefill)."""
+    return None if rng_B is None else jax.vmap(lambda key: jax.random.fold_in(key, layer))(rng_B)
 
 
 # ---------------------------------------------------------------------- argument checks
@@ -152,20 +160,25 @@ class SparseMixin:
     """
 
     def _sparse_trunk(self, input_ids_BL, *, sparsity, p_B, rng, attention_mask_BL, position_ids_3BL, select_end,
-                      vision, keep_fn=None, kept_BYE=None):
-        """Embed + decoder stack with per-layer selection. Returns (h_BLD, valid_BL, records) where
-        records[y] = (keep_BL, ratio_B | None (dense), k_BLKH, v_BLKH)."""
+                      vision, keep_fn=None, kept_BYE=None, soft_temperature=None):
+        """Embed + decoder stack with per-layer selection. Returns (h_BLD, valid_BL, records, soft)
+        where records[y] = (keep_BL, ratio_B | None (dense), k_BLKH, v_BLKH) and soft[y] is the
+        layer's relaxed ratio [B] (with gradient) when `soft_temperature` is set and y is a top-p
+        sparse layer, else None."""
         E = _check_select_end(select_end, jnp.shape(input_ids_BL)[1])
         # Vision pads count only in the prompt columns: a generated pad token stays text.
         x_BLD = self.embed(input_ids_BL, **vision, vision_end=E)
         B, L = x_BLD.shape[:2]
         p_B = _check_p(p_B, B, sparsity)
+        rng = row_keys(rng, B)  # per-row keys: a row's probes do not depend on its batch
         valid_BL = jnp.ones((B, L), bool) if attention_mask_BL is None else jnp.asarray(attention_mask_BL) > 0
         if valid_BL.shape != (B, L):
             raise ValueError(f"attention_mask_BL shape {valid_BL.shape} != input_ids shape {(B, L)}")
         mask_BLS = jnp.tril(jnp.ones((L, L), bool))[None] & valid_BL[:, None, :]
-        records = {}
+        records, soft = {}, {}
         keep_fn = getattr(self, "keep_fn", None) if keep_fn is None else keep_fn
+        if soft_temperature is not None and keep_fn is not None:
+            raise ValueError("soft_temperature relaxes the top-p selection; it cannot be combined with a keep_fn")
         if kept_BYE is not None:
             # Sets chosen earlier win over any rule. Under a keep_fn (which decides its own dense
             # layers) they are used in every layer: a dense layer's set is simply every valid key.
@@ -187,6 +200,14 @@ class SparseMixin:
                                       rng=layer_rng(rng, y), select_end=E)
                 else:
                     kept = None
+                if soft_temperature is not None and kept is not None:
+                    # The pathwise efficiency term: same probes (same keys) as the selection, with gradient.
+                    # Rematerialised: the backward recomputes the [heads, probes, keys] probabilities
+                    # instead of keeping them for every layer (at 8k tokens ~0.75 GB per row and layer).
+                    end = L if E is None else E
+                    soft[y] = jax.checkpoint(functools.partial(
+                        soft_token_ratio, temperature=soft_temperature, config=sparsity.selection))(
+                        q_BLNH[:, :end], k_BLKH[:, :end], valid_BL[:, :end], p_B, rng=layer_rng(rng, y))
                 if kept is None:
                     records[y] = (valid_BL, None, k_BLKH, v_BLKH)
                     return dense_attention(q_BLNH, k_BLKH, v_BLKH, mask)
@@ -198,7 +219,8 @@ class SparseMixin:
 
         cos, sin = self._rope(position_ids_3BL)
         h_BLD, _ = self._stack(x_BLD, cos, sin, mask_BLS, attend=[make_attend(y) for y in range(len(self.layers))])
-        return h_BLD, valid_BL, [records[y] for y in range(len(self.layers))]
+        Y = len(self.layers)
+        return h_BLD, valid_BL, [records[y] for y in range(Y)], [soft.get(y) for y in range(Y)]
 
     @staticmethod
     def _layer_ratios(records, B: int) -> jax.Array:
@@ -209,14 +231,16 @@ class SparseMixin:
                        attention_mask_BL=None, position_ids_3BL=None, select_end: int | None = None,
                        pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
                        second_per_grid_ts=None, keep_fn=None, kept_BYE=None,
-                       logits_slice: tuple[int, int] | None = None) -> SparseOutput:
+                       logits_slice: tuple[int, int] | None = None,
+                       soft_temperature: float | None = None) -> SparseOutput:
         """Full causal forward with ZipR1 sparse attention in the selected decoder layers.
 
         Args:
           input_ids_BL, attention_mask_BL: [B, L] (mask 1 on real tokens; any padding layout).
           sparsity: the config (None: `self.sparsity` if set, else SparsityConfig()); static.
           p_B: [B] top-p thresholds (None: sparsity.p for every row); 1.0 rows are exactly dense.
-          rng: selection key; layer y uses fold_in(rng, y). Required by sampled random probes.
+          rng: selection key, or [B] per-row keys (a single key is split into B row keys); row b of
+            layer y uses fold_in(key_b, y). Required by sampled random probes.
           position_ids_3BL: M-RoPE ids (computed like `__call__` when omitted).
           select_end: static int E: select over columns [0, E) only (the prompt); valid columns
             >= E (the response) are always kept, and vision pad tokens there are text (a policy may
@@ -227,9 +251,12 @@ class SparseMixin:
             rollout's, `sparse_prefill(return_keep=True)`) instead of selecting (sparse layers; with
             a keep_fn, every layer); they take precedence over keep_fn.
           logits_slice: static (start, stop): logits of positions [start, stop) only (as `__call__`).
+          soft_temperature: static T > 0: also return the relaxed token ratio of every sparse layer
+            (`soft_token_ratio` over the [0, E) columns, same probes as the selection, WITH gradient;
+            the learner's pathwise efficiency term). Attention still uses the hard kept sets.
         Returns:
           SparseOutput(logits [B, L, V] float32 (or [B, stop - start, V]), token_ratio_B [B],
-          layer_ratio_BY [B, Y]).
+          layer_ratio_BY [B, Y], and with soft_temperature soft_ratio_B [B], soft_layer_ratio_BY).
         """
         sparsity = _check_sparsity(self, sparsity)
         if position_ids_3BL is None:
@@ -237,14 +264,26 @@ class SparseMixin:
                                                     video_grid_thw, second_per_grid_ts)
         vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        h_BLD, _, records = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
-                                               attention_mask_BL=attention_mask_BL,
-                                               position_ids_3BL=position_ids_3BL, select_end=select_end,
-                                               vision=vision, keep_fn=keep_fn, kept_BYE=kept_BYE)
-        layer_ratio_BY = self._layer_ratios(records, h_BLD.shape[0])
+        if soft_temperature is not None and not (isinstance(soft_temperature, (int, float)) and soft_temperature > 0):
+            raise ValueError(f"soft_temperature must be None or a number > 0, got {soft_temperature!r}")
+        h_BLD, _, records, soft = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
+                                                     attention_mask_BL=attention_mask_BL,
+                                                     position_ids_3BL=position_ids_3BL, select_end=select_end,
+                                                     vision=vision, keep_fn=keep_fn, kept_BYE=kept_BYE,
+                                                     soft_temperature=soft_temperature)
+        B = h_BLD.shape[0]
+        layer_ratio_BY = self._layer_ratios(records, B)
+        soft_ratio_B = soft_layer_BY = None
+        if soft_temperature is not None:
+            sparse_ys = [y for y, r in enumerate(soft) if r is not None]
+            ones_B = jnp.ones((B,), jnp.float32)
+            soft_layer_BY = jnp.stack([ones_B if r is None else r for r in soft], axis=1)
+            # Mean over the sparse layers only: dense layers carry no gradient and would only dilute it.
+            soft_ratio_B = (jnp.mean(soft_layer_BY[:, sparse_ys], axis=1) if sparse_ys else ones_B)
         return SparseOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)),
                             token_ratio_B=jnp.mean(layer_ratio_BY, axis=1),
-                            layer_ratio_BY=layer_ratio_BY)
+                            layer_ratio_BY=layer_ratio_BY, soft_ratio_B=soft_ratio_B,
+                            soft_layer_ratio_BY=soft_layer_BY)
 
     def sparse_prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,
                        rope_deltas_B=None, p_B=None, rng=None, pixel_values=None, image_grid_thw=None,
@@ -275,10 +314,10 @@ class SparseMixin:
             raise ValueError("sparse_prefill: pass rope_deltas_B together with position_ids_3BL")
         vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                       pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        h_BLD, valid_BL, records = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
-                                                      attention_mask_BL=attention_mask_BL,
-                                                      position_ids_3BL=position_ids_3BL, select_end=None,
-                                                      vision=vision, keep_fn=keep_fn)
+        h_BLD, valid_BL, records, _ = self._sparse_trunk(input_ids_BL, sparsity=sparsity, p_B=p_B, rng=rng,
+                                                         attention_mask_BL=attention_mask_BL,
+                                                         position_ids_3BL=position_ids_3BL, select_end=None,
+                                                         vision=vision, keep_fn=keep_fn)
         B, L = valid_BL.shape
         cache = KVCache(k=jnp.stack([compact_front(k, keep, capacity) for keep, _, k, _ in records]),
                         v=jnp.stack([compact_front(v, keep, capacity) for keep, _, _, v in records]),
