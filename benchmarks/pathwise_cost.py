@@ -43,9 +43,15 @@ def model_shapes():
     return dict(D=D, F=F, N=N, K=K, H=H, Y=Y, p_matmul=p_matmul)
 
 
-def probes(S: int, recent: float = 0.05, rand: float = 0.05, min_probes: int = 16) -> int:
-    r, d = max(1, -(-int(recent * S * 1000) // 1000)), -(-int(rand * S * 1000) // 1000)
-    return min(max(r + d, min_probes), S)
+def probes(S: int) -> int:
+    """Probe count of an S-token prompt under the default selection (the selection's own rule)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from zipr1_jax.kernels.sparse_attention.config import SelectionConfig  # noqa: PLC0415
+    from zipr1_jax.kernels.sparse_attention.selection import probe_counts  # noqa: PLC0415
+
+    recent, rand = probe_counts(jnp.asarray([S]), SelectionConfig())
+    return int(recent[0] + rand[0])
 
 
 def counts(S: int, T: int = RESPONSE) -> dict:

@@ -210,3 +210,23 @@ def test_meta_must_be_json(tmp_path):
     with pytest.raises(CheckpointError, match="meta must be JSON"):
         ck.save(1, params=_small(), meta={"rng": np.zeros(2)})
     assert ck.all_steps() == []
+
+
+def test_unreadable_message_names_the_real_cause():
+    """orbax can wrap the real error in one whose text is a bare object repr: the message digs it out."""
+    from zipr1_jax.checkpoint.orbax import _unreadable
+
+    class Wrapper(Exception):
+        def __str__(self):
+            return "<bound method Checkpointer.restore of <orbax.Checkpointer object at 0x7f>>"
+
+    try:
+        try:
+            raise ValueError("DATA_LOSS: Error decoding manifest\nmore detail")
+        except ValueError as inner:
+            raise Wrapper() from inner
+    except Wrapper as e:
+        msg = str(_unreadable("checkpoint step 3 in /x", e))
+    assert msg == ("checkpoint step 3 in /x could not be read, it may be corrupt or incomplete "
+                   "(ValueError: DATA_LOSS: Error decoding manifest)")
+    assert "bound method" not in msg

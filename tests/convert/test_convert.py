@@ -144,6 +144,9 @@ def test_export_layout(roundtrip):
         assert name in exported.copied and filecmp.cmp(root / "hf" / name, out / name, shallow=False), name
     assert set(exported.copied) <= set(COPIED_FILES)
     assert not [p for p in os.listdir(root) if p.startswith(".")]  # no temporary directories left
+    # every exported file has one mode (safetensors writes its files 0600 unless told otherwise)
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in os.listdir(out)}
+    assert len(set(modes.values())) == 1 and modes[INDEX_FILE] & 0o044, modes
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
 

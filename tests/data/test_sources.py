@@ -67,6 +67,15 @@ def test_file_errors(tmp_path):
     bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
     with pytest.raises(DataSourceError, match="bad.jsonl line 2: not valid JSON"):
         JsonlSource(bad)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"question": "q", "answer": "a"}\n{"question": "r", "answer": "  "}\n')
+    with pytest.raises(DataSourceError, match="empty answer"):
+        JsonlSource(blank)[1]
+    latin = tmp_path / "latin.jsonl"  # a Latin-1 byte on line 3: the error names the file and the line
+    latin.write_bytes(b'{"question": "q", "answer": "a"}\n{"question": "r", "answer": "b"}\n'
+                      b'{"question": "caf\xe9", "answer": "c"}\n')
+    with pytest.raises(DataSourceError, match=r"latin.jsonl line 3: not UTF-8 text \(byte 0xe9"):
+        JsonlSource(latin)
     noans = tmp_path / "noans.jsonl"
     noans.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
     src = JsonlSource(noans)

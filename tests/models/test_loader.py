@@ -128,3 +128,21 @@ def test_dtype_options(saved):
     assert cfg.param_dtype == "bfloat16"
     assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16
     assert model(jnp.asarray([[1, 2, 3]])).logits.dtype == jnp.float32
+
+
+def test_truncated_or_missing_safetensors_name_the_file(saved, tmp_path):
+    _, _, dirs = saved
+    for cut in ("header", "data"):
+        d = tmp_path / cut
+        shutil.copytree(dirs["hub"], d)
+        f = d / "model.safetensors"
+        data = f.read_bytes()
+        f.write_bytes(data[:20] if cut == "header" else data[:len(data) // 2])
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: .*truncated or corrupt"):
+            load_hf_checkpoint(str(d))
+    d = tmp_path / "shard_missing"
+    shutil.copytree(dirs["sharded"], d)
+    shard = sorted(p for p in os.listdir(d) if p.endswith(".safetensors"))[-1]
+    os.remove(d / shard)
+    with pytest.raises(CheckpointError, match=f"{shard}: listed in the checkpoint index but missing"):
+        load_hf_checkpoint(str(d))

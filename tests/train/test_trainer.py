@@ -63,9 +63,9 @@ def test_end_to_end_outputs(full_run):
     assert summary["before_rl_eval"]["step"] == 3
     assert set(summary["before_rl_eval"]) == {"step"} | set(ev)
     line = summary_line(summary)
-    assert line.startswith("final eval (step 5) vs before RL (step 3): dense: accuracy ")
+    assert line.startswith("final eval (step 5) vs before RL (step 3), n=4: dense: accuracy ")
     r0, r1 = summary["before_rl_eval"]["token_ratio_p0.9"], ev["token_ratio_p0.9"]
-    assert f"token ratio {r0:.3f} -> {r1:.3f} ({r1 - r0:+.3f})" in line
+    assert f"token ratio {r0:.3f} -> {r1:.3f} ({r1 / r0:.2f}x)" in line
     assert os.path.isdir(out / "checkpoints" / "reference")
     assert sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == [1, 2, 3, 4, 5]
 

@@ -153,10 +153,24 @@ def _as_path(directory: str | os.PathLike) -> epath.Path:
     return epath.Path(s if "://" in s else os.path.abspath(s))
 
 
+def _cause_text(e: BaseException) -> str:
+    """`Type: first line` of the most telling exception in e's chain: orbax wraps the real cause
+    (a tensorstore / JSON error) in exceptions whose text can be a bare object repr."""
+    seen, chain = set(), []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for x in chain:
+        text = str(x).strip()
+        first = text.splitlines()[0] if text else ""
+        if first and not first.startswith("<"):
+            return f"{type(x).__name__}: {first[:300]}"
+    return type(chain[-1]).__name__ if chain else "unknown error"
+
+
 def _unreadable(where: str, e: Exception, hint: str = "") -> CheckpointError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return CheckpointError(f"{where} could not be read, it may be corrupt or incomplete "
-                           f"({type(e).__name__}: {first[:300]}){hint}")
+    return CheckpointError(f"{where} could not be read, it may be corrupt or incomplete ({_cause_text(e)}){hint}")
 
 
 # ------------------------------------------------------------------ manager
@@ -346,8 +360,7 @@ def restore_params(path: str | os.PathLike, target: Any) -> Any:
         try:
             stored = ckptr.metadata(src)
         except Exception as e:
-            raise CheckpointError(f"{where} is not an Orbax checkpoint or is damaged "
-                                  f"({type(e).__name__}: {str(e).strip()[:300]})") from e
+            raise CheckpointError(f"{where} is not an Orbax checkpoint or is damaged ({_cause_text(e)})") from e
         if stored is None:
             raise CheckpointError(f"{where} is not an Orbax checkpoint (no readable tree metadata)")
         _check_against_metadata(nested, getattr(stored, "item_metadata", stored), "params", where)

@@ -297,6 +297,10 @@ def _save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
 
     # "format": "pt" is what transformers checks for before it loads a safetensors file.
     st_numpy.save_file(tensors, path, metadata={"format": "pt"})
+    # safetensors creates its files 0600; give them the mode any other file of the export gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _dump_json(obj: Any, path: str) -> None:

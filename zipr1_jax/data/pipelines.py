@@ -188,7 +188,8 @@ class _Process:
                                                **kwargs), None
         if len(ids) > cfg.length_buckets[-1]:
             raise ValueError(f"{where} has {len(ids)} tokens, more than the largest length bucket "
-                             f"{cfg.length_buckets[-1]}: add a bucket or lower max_pixels")
+                             f"{cfg.length_buckets[-1]}: add a larger value to data.length_buckets, or make images "
+                             "smaller (data.image_size)")
         out = {k: record[k] for k in batching.TEXT_FIELDS}
         out.update(ids=ids, image_grid_thw=grid_arr,
                    pixel_values=np.concatenate(pixels) if pixels else np.zeros((0, 0), np.float32))

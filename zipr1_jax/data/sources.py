@@ -57,6 +57,9 @@ def make_record(raw: Mapping[str, Any], where: str, *, base_dir: str | os.PathLi
         raise DataSourceError(f"{where} has no question (keys: {sorted(raw)})")
     if answer is None:
         raise DataSourceError(f"{where} has no answer (keys: {sorted(raw)})")
+    if not _text(answer).strip():
+        # A verifier can never match an empty reference: the record would only ever earn reward 0.
+        raise DataSourceError(f"{where} has an empty answer")
     question = _text(question).replace("<image>\n", "").replace("<image>", "").strip()
     answer_type = _text(raw.get("answer_type") or "exact")
     if answer_type not in ANSWER_TYPES:
@@ -180,7 +183,13 @@ class JsonlSource(_ListSource):
             raise DataSourceError(f"data file {str(p)!r} does not exist")
         self.name = str(p)
         self._root = Path(image_root) if image_root is not None else p.parent
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataSourceError(f"{p} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                                  f"{e.start}); save the file as UTF-8") from None
         if p.suffix == ".json":
             try:
                 rows = json.loads(text)

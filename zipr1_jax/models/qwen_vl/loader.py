@@ -55,13 +55,27 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def _iter_tensors(files: list[str]) -> Iterator[tuple[str, tuple[int, ...], callable]]:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    def read(f, file, key):
+        try:
+            return f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e}); the file is truncated or "
+                                  "corrupt") from None
 
     for file in files:
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in the checkpoint index but missing")
         # framework="flax" reads bf16 too (NumPy has no bfloat16); arrays land on the host CPU device.
-        with safe_open(file, framework="flax") as f:
+        try:
+            opened = safe_open(file, framework="flax")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is truncated or "
+                                  "corrupt") from None
+        with opened as f:
             for key in f.keys():
-                yield key, tuple(f.get_slice(key).get_shape()), (lambda f=f, key=key: f.get_tensor(key))
+                yield key, tuple(f.get_slice(key).get_shape()), (lambda f=f, key=key, file=file: read(f, file, key))
 
 
 def abstract_model(config: QwenVLConfig) -> QwenVLForConditionalGeneration:
