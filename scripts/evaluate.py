@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from zipr1_jax.eval.methods import SETTINGS_HELP, parse_settings
+from zipr1_jax.eval.methods import SETTINGS_HELP, SettingError, check_settings, parse_settings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,6 +115,23 @@ def _heatmaps(label, loaded, eval_set, settings, args, sparsity) -> dict:
     return out
 
 
+def _check_models(models, settings, args) -> None:
+    """Every setting (and the heatmap's) against every model before any evaluation work starts: a
+    setting a model cannot run (FastV's K beyond its layers) must not surface after others ran."""
+    extra = [] if args.no_pictures or not args.heatmap_setting else parse_settings([args.heatmap_setting])
+    for label, loaded in models:
+        try:
+            for group in (settings, extra):
+                if group:
+                    check_settings(group, loaded.config, model_name=label)
+        except SettingError as e:
+            raise SystemExit(f"evaluate.py: {e}") from None
+        n_layers = loaded.config.text.num_hidden_layers
+        if not args.no_pictures and args.heatmap_layer is not None and not 0 <= args.heatmap_layer < n_layers:
+            raise SystemExit(f"--heatmap-layer {args.heatmap_layer} is outside model {label!r}'s {n_layers} "
+                             "decoder layers")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from zipr1_jax.eval.harness import HarnessConfig, evaluate, write_tables  # noqa: PLC0415
@@ -129,6 +146,7 @@ def main(argv=None) -> dict:
         p_list = tc.eval.p_list if tc is not None else (1.0, 0.975)
         args.settings = ["dense"] + [f"topp:{p:g}" for p in p_list if p < 1.0]
     settings = parse_settings(args.settings)
+    _check_models(models, settings, args)
     image_size = tuple(args.image_size or (tc.data.image_size if tc is not None else (56, 56)))
     buckets = tuple(args.length_buckets or (tc.data.length_buckets if tc is not None else (128, 256, 512)))
     common = dict(batch_size=args.batch_size, length_buckets=buckets, image_size=image_size, limit=args.limit,

@@ -22,11 +22,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from zipr1_jax.checkpoint import CheckpointError
+    from zipr1_jax.data.sources import DataSourceError
     from zipr1_jax.train.cli import parse_args
-    from zipr1_jax.train.trainer import run, summary_line
+    from zipr1_jax.train.trainer import TrainConfigError, TrainingDivergedError, run, summary_line
 
-    cfg = parse_args(argv)
-    summary = run(cfg)
+    try:
+        summary = run(parse_args(argv))
+    except (TrainConfigError, CheckpointError, DataSourceError, TrainingDivergedError) as e:
+        # The message says what is wrong and what to do; a traceback would only bury it.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, (TrainConfigError, DataSourceError)) else 1
     if jax.process_index() == 0:
         print(summary_line(summary))
         print(f"metrics: {summary['out_dir']}/metrics.jsonl, plots: {summary['out_dir']}/plots, "

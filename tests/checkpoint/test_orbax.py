@@ -114,10 +114,23 @@ def test_save_every_force_and_no_overwrite(tmp_path):
     assert ck.save(2, params=_small())
     assert ck.save(3, params=_small(), force=True)
     ck.wait()
-    assert not ck.save(2, params=_small(9), force=True)  # existing steps are never overwritten
+    with pytest.raises(CheckpointError, match="step 2 already exists"):  # never overwritten, never skipped silently
+        ck.save(2, params=_small(9), force=True)
     ck.wait()
     _assert_tree_equal(ck.restore(2, params_target=_target(_small()))["params"], _small())
     assert not Checkpointer(tmp_path / "only_final", save_every=0).save(10, params=_small())
+
+
+def test_set_aside_after_moves_later_steps_and_keeps_them(tmp_path):
+    ck = _save_steps(tmp_path, [1, 2, 3], keep_last=5)
+    assert ck.set_aside_after(1) == [2, 3]
+    assert ck.all_steps() == [1] and ck.latest_step() == 1
+    assert sorted(os.listdir(tmp_path / "superseded")) == ["2", "3"]
+    assert ck.save(2, params=_small(7), force=True)  # the step number is free again
+    ck.wait()
+    assert ck.set_aside_after(1) == [2]
+    assert sorted(os.listdir(tmp_path / "superseded")) == ["2", "2.1", "3"]  # an earlier set-aside is kept
+    _assert_tree_equal(restore_params(tmp_path / "superseded" / "2.1" / "params", _target(_small())), _small(7))
 
 
 def test_keep_last_keeps_only_the_newest(tmp_path):

@@ -31,7 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # The trainer tests' tiny run, on the 8-device mesh of their sharded test, with a line per step.
 TINY = [o for o in TINY_RUN if not o.startswith("log.progress=")] + ["log.progress=line"] + MESH_222
 TIMEOUT_S = 2400  # a generous bound for a loaded 2-core machine (typically 4-10 min per run)
-LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+# Same budget as the sharded == 1-device trainer test: fp32 end to end (1e-4 relative). Two processes
+# all-reduce over gloo in another order than one process's 8 devices, and GRPO's zero-sum
+# advantages cancel in the gradient sum, so that order shows: measured 1.7e-5 relative on the
+# grad_norm of RL step 5 (the losses of every step agree to 6e-5 relative or 1e-6 absolute).
+LOSS_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- fast: the pieces
@@ -241,9 +245,20 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
             want = ref.restore(5, params_target=target)["params"]
         with Checkpointer(two / "checkpoints") as got:
             got_sft = got.restore(3, params_target=target)["params"]
+            saved = got.restore(5, params_target=target)["params"]
     finally:
         job.close()
+    for g, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved)):  # the resume loads it exactly
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     for g, w in zip(jax.tree.leaves(got_sft), jax.tree.leaves(want_sft)):  # end of SFT: rounding only
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=2e-6)
-    for g, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):  # after 2 Adam steps of RL
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=0.2 * cfg.rl.lr)
+    # After 2 Adam steps of RL the two runs agree as a whole, not element by element: Adam divides
+    # each gradient by its own magnitude, so a weight whose gradient is reduction-order noise (GRPO's
+    # zero-sum advantages cancel) moves by up to lr either way. Measured: the difference is 0.8% of
+    # the RL update's norm; 48 of 197k weights differ by more than 0.2 lr, the largest by 0.8 lr.
+    g_, w_, s_ = ([np.asarray(x) for x in jax.tree.leaves(t)] for t in (state.params, want, want_sft))
+    diff = np.sqrt(sum(np.sum((g - w) ** 2) for g, w in zip(g_, w_)))
+    update = np.sqrt(sum(np.sum((w - s) ** 2) for w, s in zip(w_, s_)))
+    assert diff < 0.05 * update, (diff, update)
+    for g, w in zip(g_, w_):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2 * cfg.rl.lr)

@@ -165,12 +165,47 @@ def _cause_text(e: BaseException) -> str:
         text = str(x).strip()
         first = text.splitlines()[0] if text else ""
         if first and not first.startswith("<"):
-            return f"{type(x).__name__}: {first[:300]}"
+            if len(first) > 400:  # keep the end too: tensorstore puts the OS error ("File too large") last
+                first = first[:200] + " ... " + first[-180:]
+            return f"{type(x).__name__}: {first}"
     return type(chain[-1]).__name__ if chain else "unknown error"
 
 
 def _unreadable(where: str, e: Exception, hint: str = "") -> CheckpointError:
     return CheckpointError(f"{where} could not be read, it may be corrupt or incomplete ({_cause_text(e)}){hint}")
+
+
+class _OneLine(logging.Filter):
+    """Orbax's background threads log a failed save (disk full, ...) as dozens of tracebacks, one
+    per array. The Checkpointer raises one CheckpointError with the cause instead, so orbax's error
+    records keep their first line and asyncio's about tasks that wrote into a checkpoint directory
+    are dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.directories: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            text = record.getMessage()
+            ours = any(d in text for d in self.directories)
+            if ours and record.name == "asyncio":  # "exception was never retrieved" of a failed write
+                return False
+            if "orbax" in record.pathname or ours:
+                record.msg, record.args = text.splitlines()[0][:300], None
+                record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+_ONE_LINE = _OneLine()
+
+
+def _quiet_failures(directory: str) -> None:
+    _ONE_LINE.directories.add(directory)
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if _ONE_LINE not in logger.filters:
+            logger.addFilter(_ONE_LINE)
 
 
 # ------------------------------------------------------------------ manager
@@ -201,6 +236,8 @@ class Checkpointer:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler(), "data_state": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # an async save not yet confirmed on disk
+        _quiet_failures(str(self.directory))
 
     # -------------------------------------------------------------- queries
     def all_steps(self) -> list[int]:
@@ -223,9 +260,10 @@ class Checkpointer:
             raise CheckpointError(f"save: step must be an int >= 0, got {step!r}")
         if not self.should_save(step, force=force):
             return False
-        if step in self._manager.all_steps():
-            log.warning("checkpoint step %d already exists in %s; not overwriting it", step, self.directory)
-            return False
+        if step in self._manager.all_steps():  # never overwritten, and never skipped silently
+            raise CheckpointError(f"checkpoint step {step} already exists in {self.directory}; refusing to "
+                                  "overwrite it (a second run in the same directory?)")
+        self.check()  # a failed earlier async save is reported before another one starts
         items: dict[str, Any] = {
             "params": ocp.args.StandardSave(to_canonical(params, "params")),
             "meta": ocp.args.JsonSave(_json_checked(dict(meta or {}), "meta")),
@@ -234,7 +272,13 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardSave(to_canonical(opt_state, "opt_state"))
         if data_state is not None:
             items["data_state"] = ocp.args.JsonSave(_json_checked(dict(data_state), "data_state"))
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        try:
+            started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        except Exception as e:  # the wait for an earlier background save can raise its failure here
+            raise CheckpointError(f"saving a checkpoint to {self.directory} failed ({_cause_text(e)})") from e
+        if started and self.async_save:
+            self._pending = step
+        return started
 
     # -------------------------------------------------------------- restore
     def restore(self, step: int | None = None, *, params_target: Any, opt_state_target: Any = None) -> dict:
@@ -322,10 +366,48 @@ class Checkpointer:
             raise _unreadable(f"checkpoint step {step} in {self.directory}", e) from e
         return dict(out["meta"])
 
+    def set_aside_after(self, step: int) -> list[int]:
+        """Move every step after `step` to `<directory>/superseded/<step>[.k]` (kept, not deleted),
+        e.g. to resume from an older step; returns the steps moved."""
+        self.wait()
+        later = [s for s in self.all_steps() if s > step]
+        if later:
+            aside = self.directory / "superseded"
+            aside.mkdir(parents=True, exist_ok=True)
+            for s in later:
+                dest, k = aside / str(s), 1
+                while dest.exists():
+                    dest, k = aside / f"{s}.{k}", k + 1
+                (self.directory / str(s)).rename(dest)
+                log.warning("checkpoint step %d moved to %s", s, dest)
+            self._manager.reload()
+        return later
+
     # -------------------------------------------------------------- lifecycle
+    def check(self) -> None:
+        """Raise a CheckpointError now if a background save has failed (disk full, no permission),
+        instead of at the next save or at exit. Cheap: it looks only once the save has ended."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            self._pending = None
+            raise CheckpointError(f"saving a checkpoint to {self.directory} failed ({_cause_text(e)})") from e
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()  # the save has ended: returns at once, or raises its failure
+
     def wait(self) -> None:
-        """Block until a pending async save is on disk (and old steps are pruned)."""
-        self._manager.wait_until_finished()
+        """Block until a pending async save is on disk (and old steps are pruned); a CheckpointError
+        if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"saving a checkpoint to {self.directory} failed ({_cause_text(e)})") from e
+        if step is not None:
+            self._manager.reload()
+            if step not in self._manager.all_steps():  # orbax logged the failure but raised nothing
+                raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: the step never "
+                                      "finished (see the log above for the cause)")
 
     def close(self) -> None:
         self._manager.close()
@@ -338,6 +420,24 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------ params-only checkpoints
+def check_writable(directory: str | os.PathLike, what: str = "checkpoint directory") -> None:
+    """Create `directory` if needed and write + remove a probe file in it; a CheckpointError names
+    the path if that fails, so an unwritable directory stops a run before its first step instead
+    of at its first (background) save. URLs (gs://...) are left to the first save."""
+    s = os.fspath(directory)
+    if "://" in s:
+        return
+    probe = os.path.join(s, f".zipr1_write_probe_{os.getpid()}")
+    try:
+        os.makedirs(s, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"{what} {os.path.abspath(s)} is not writable ({type(e).__name__}: {e.strerror or e})") \
+            from e
+
+
 def save_params(path: str | os.PathLike, params: Any) -> None:
     """Write a params-only checkpoint (e.g. after HF conversion) to a new directory `path`."""
     target = _as_path(path)

@@ -220,6 +220,19 @@ class Loader:
         return self.num_batches
 
 
+def record_processor(tokenizer, cfg: PipelineConfig, *, sft: bool, image_processor: ImageProcessor | None = None,
+                     video_processor: ImageProcessor | None = None) -> Callable[[dict], dict]:
+    """The loaders' record -> example map (images decoded and processed, prompt built and checked
+    against the largest length bucket); `data.validate` runs the same one over a whole source."""
+    if video_processor is None:
+        try:
+            video_processor = default_video_processor(cfg)
+        except ImportError:  # only needed when a record holds a video: _Process raises then
+            video_processor = None
+    return _Process(tokenizer, cfg, image_processor or default_image_processor(cfg), video_processor,
+                    chat.SpecialIds.from_tokenizer(tokenizer), sft)
+
+
 def _rope_fn(model_config, merge_size: int, special: chat.SpecialIds):
     if model_config is None:
         return None
@@ -247,13 +260,8 @@ def _build(source, tokenizer, cfg: PipelineConfig, *, sft: bool, group_size: int
     if len(source) == 0:
         raise ValueError(f"source {source!r} has no examples")
     special = chat.SpecialIds.from_tokenizer(tokenizer)
-    if video_processor is None:
-        try:
-            video_processor = default_video_processor(cfg)
-        except ImportError:  # only needed when a record holds a video: _Process raises then
-            video_processor = None
-    process = _Process(tokenizer, cfg, image_processor or default_image_processor(cfg), video_processor, special,
-                       sft)
+    process = record_processor(tokenizer, cfg, sft=sft, image_processor=image_processor,
+                               video_processor=video_processor)
     collate = partial(batching.collate, length_buckets=cfg.length_buckets, pad_id=special.pad,
                       padding_side=padding_side, group_size=group_size, pixel_buckets=cfg.pixel_row_buckets,
                       batch_size=cfg.batch_size,  # a kept partial batch is filled: shapes stay static

@@ -341,6 +341,13 @@ class BuiltinSource:
             raw = {k: getattr(raw, k) for k in ("uid", "question", "answer", "answer_type", "choices", "image")}
         return make_record(raw, f"record {index} of {self.name}")
 
+    @property
+    def spec(self) -> dict:
+        """What the records are a deterministic function of (a cheap stand-in for their contents)."""
+        s = self._src
+        return {"num_examples": s.num_examples, "tasks": list(s.tasks), "seed": s.seed, "difficulty": s.difficulty,
+                "image_size": list(s.image_size)}
+
     def __repr__(self) -> str:
         return f"BuiltinSource({len(self)} examples)"
 

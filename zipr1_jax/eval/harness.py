@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from zipr1_jax.data.verifiers import verify
-from zipr1_jax.eval.methods import Setting, TopPRule, bind, parse_settings
+from zipr1_jax.eval.methods import Setting, TopPRule, bind, check_settings
 from zipr1_jax.kernels.sparse_attention import SparsityConfig
 from zipr1_jax.rl.rollout import SamplingConfig, generate
 from zipr1_jax.train.batch import vision_arrays
@@ -281,7 +281,7 @@ def evaluate(model: nnx.Module, sets: Mapping[str, Iterable[dict]], tokenizer, s
     """Every set x every setting (settings as objects or spec strings, see methods.SETTINGS_HELP)."""
     if not sets:
         raise ValueError("evaluate: no evaluation sets given")
-    settings = parse_settings(settings)
+    settings = check_settings(settings, model.config, model_name=model_name)  # all of them before any runs
     return [evaluate_setting(model, batches, tokenizer, s, config=config, sparsity=sparsity, set_name=name,
                              model_name=model_name)
             for name, batches in sets.items() for s in settings]
@@ -331,7 +331,7 @@ def kept_masks(model: nnx.Module, batch: dict, setting: Setting | str, *, sparsi
                batch_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Keep masks of every decoder layer for one batch, with the selection keys the evaluation
     used for batch `batch_index` (same seed): (keep_YBL bool, layer_ratio_BY)."""
-    setting = parse_settings([setting])[0]
+    setting = check_settings([setting], model.config)[0]
     sparsity = sparsity or getattr(model, "sparsity", None) or SparsityConfig()  # the model's own fallback
     x = _inputs(model, batch)
     R = x["ids"].shape[0]

@@ -93,10 +93,7 @@ class FastVRule:
     query: str = "last"
 
     def __call__(self, *, input_ids_BL, valid_BL, p_B, select_end, sparsity, model_config):
-        n_layers = model_config.text.num_hidden_layers
-        if not 1 <= self.layer < n_layers:
-            raise SettingError(f"FastV layer K={self.layer} must be in [1, {n_layers - 1}]: the model has "
-                               f"{n_layers} decoder layers and K counts the dense ones before pruning")
+        _check_fastv_layer(self.layer, model_config)
         ids = jnp.asarray(input_ids_BL)
         visual_BL = (ids == model_config.image_token_id) | (ids == model_config.video_token_id)
         run = _prompt_rule(lambda q, k, v: select_fastv(q, k, v, visual_BL[:, :v.shape[1]], p_B, query=self.query),
@@ -108,6 +105,16 @@ class FastVRule:
                 kept["mask"] = run(q_BLNH, k_BLKH)
             return kept["mask"] if y >= self.layer else None
         return layer_fn
+
+
+def _check_fastv_layer(layer: int, model_config) -> None:
+    n_layers = model_config.text.num_hidden_layers
+    if n_layers < 2:
+        raise SettingError(f"FastV needs at least 2 decoder layers (K >= 1 dense ones, then pruned ones); the "
+                           f"model has {n_layers}")
+    if not 1 <= layer < n_layers:
+        raise SettingError(f"FastV layer K={layer} must be in [1, {n_layers - 1}]: the model has "
+                           f"{n_layers} decoder layers and K counts the dense ones before pruning")
 
 
 # ---------------------------------------------------------------------- settings
@@ -141,6 +148,14 @@ class Setting:
     def key(self) -> str:
         """Short identifier (file names, metric keys)."""
         return self.kind
+
+    @property
+    def spec(self) -> str:
+        """The spec string `parse_setting` reads back into this setting (for messages)."""
+        return self.kind if self.budget is None else f"{self.kind}:{self.budget:g}"
+
+    def check(self, model_config) -> None:
+        """Raise SettingError when this setting cannot run on a model of `model_config`."""
 
     def keep_rule(self):
         """The model's `keep_fn` for this setting (None: the native dense / top-p path)."""
@@ -254,6 +269,13 @@ class FastV(Setting):
     def key(self) -> str:
         return f"fastv{self.layer}_{self.drop:g}" + ("" if self.query == "last" else f"_{self.query}")
 
+    @property
+    def spec(self) -> str:
+        return f"fastv:{self.layer}:{self.drop:g}" + ("" if self.query == "last" else f":{self.query}")
+
+    def check(self, model_config) -> None:
+        _check_fastv_layer(self.layer, model_config)
+
     def keep_rule(self):
         return FastVRule(layer=self.layer, query=self.query)
 
@@ -297,6 +319,27 @@ def parse_settings(specs) -> list[Setting]:
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise SettingError(f"attention settings repeat: {dup}")
+    return settings
+
+
+def check_settings(settings, model_config, *, model_name: str | None = None) -> list[Setting]:
+    """The parsed settings, each checked against the model (e.g. FastV's K against its layer count),
+    so that a bad one fails before any evaluation work starts rather than after the earlier ones ran.
+
+    Raises:
+      SettingError naming every setting that cannot run, the model and its decoder layer count.
+    """
+    settings = parse_settings(settings)
+    problems = []
+    for s in settings:
+        try:
+            s.check(model_config)
+        except SettingError as e:
+            problems.append(f"{s.spec}: {e}")
+    if problems:
+        where = f"model {model_name!r}" if model_name else "the model"
+        raise SettingError(f"attention settings that cannot run on {where} "
+                           f"({model_config.text.num_hidden_layers} decoder layers): " + "; ".join(problems))
     return settings
 
 

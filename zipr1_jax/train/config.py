@@ -216,6 +216,9 @@ class DataSection:
     # System turn of every prompt; null: none (the demo keeps prompts short so vision tokens dominate,
     # as in real MLLM prompts). Real-model configs set an instruction here.
     system_prompt: str | None = None
+    # Every record is checked before the first step (data.validate); false: any bad record stops the
+    # run with a list of them; true: bad records are dropped and listed, training uses the rest.
+    skip_bad_records: bool = False
 
     SOURCES = ("builtin", "jsonl", "hf_disk", "tfds")
 
@@ -243,6 +246,7 @@ class DataSection:
         _str(self, "tokenizer")
         _int(self, "seed", 0)
         _str(self, "system_prompt", optional=True)
+        _bool(self, "skip_bad_records")
 
 
 SFT_TARGETS = ("answer", "all")
@@ -380,13 +384,44 @@ class CheckpointSection:
     save_every: int = 20  # steps; 0 saves only at the end
     keep_last: int = 2
     resume: bool = True  # restore the latest step in `dir` when present
+    # Resume from this older step instead of the latest (e.g. the last one before a divergence);
+    # the later steps are moved to `<dir>/superseded/`, not deleted.
+    resume_step: int | None = None
+    # A resume on data that differs from the checkpoint's (record count / content hash) is refused
+    # unless this is set: the data iterator's saved position would not mean the same batches.
+    allow_data_change: bool = False
     async_save: bool = True
 
     def __post_init__(self):
         _str(self, "dir", optional=True)
         _int(self, "save_every", 0)
         _int(self, "keep_last", 1)
-        _bool(self, "resume", "async_save")
+        if self.resume_step is not None:
+            _int(self, "resume_step", 0)
+        _bool(self, "resume", "async_save", "allow_data_change")
+        _check(self.resume or self.resume_step is None, "checkpoint.resume_step",
+               "needs checkpoint.resume=true (it names the step to resume from)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardSection:
+    """When a step counts as diverged: the run stops before saving it, so every saved step passed."""
+
+    PREFIX = "guard"
+    # Largest allowed |update| / |params| of one optimizer step (global L2 norms). Healthy steps
+    # are far below 1 (Adam moves each weight by about lr); an exploding step is orders above.
+    max_update_ratio: float = 1.0
+    # A loss above loss_spike x max(mean |loss| of the last loss_window steps of the phase, loss_floor)
+    # is a spike (0 disables); the floor keeps losses near zero (GRPO) from flagging noise.
+    loss_spike: float = 10.0
+    loss_window: int = 20
+    loss_floor: float = 0.1
+
+    def __post_init__(self):
+        _float(self, "max_update_ratio", 0.0, lo_open=True)
+        _float(self, "loss_spike", 0.0)
+        _int(self, "loss_window", 2)
+        _float(self, "loss_floor", 0.0, lo_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -426,8 +461,8 @@ class EvalSection:
 
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "sparsity": SparsitySection, "data": DataSection, "sft": SFTSection,
-    "rl": RLSection, "mesh": MeshSection, "checkpoint": CheckpointSection, "log": LogSection,
-    "eval": EvalSection,
+    "rl": RLSection, "mesh": MeshSection, "checkpoint": CheckpointSection, "guard": GuardSection,
+    "log": LogSection, "eval": EvalSection,
 }
 
 
@@ -445,6 +480,7 @@ class TrainConfig:
     rl: RLSection = field(default_factory=RLSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    guard: GuardSection = field(default_factory=GuardSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
 

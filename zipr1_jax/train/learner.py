@@ -193,6 +193,8 @@ def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, re
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    # For the divergence guard (train/guard.py): a step is checked before it may be saved.
+    metrics["param_norm"], metrics["update_norm"] = optax.global_norm(params), optax.global_norm(updates)
     if path_grads is not None:
         metrics["path_grad_share"] = metrics["path_grad_norm"] / jnp.maximum(metrics["grad_norm"], 1e-30)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)

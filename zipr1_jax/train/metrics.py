@@ -53,6 +53,34 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+SUPERSEDED_NAME = "metrics.superseded.jsonl"
+
+
+def set_aside_rows_after(out_dir: str | os.PathLike, step: int) -> int:
+    """Move the rows of `<out_dir>/metrics.jsonl` with a step after `step` (work a resume redoes)
+    to `metrics.superseded.jsonl`, so the main file holds each step once. Call before a logger
+    opens the file. Returns the number of rows moved; a truncated last line (kill) is dropped."""
+    path = os.path.join(os.fspath(out_dir), JSONL_NAME)
+    if not os.path.isfile(path):
+        return 0
+    keep, moved = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written line of a killed run
+            (moved if int(row.get("step", 0)) > step else keep).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(os.path.join(os.fspath(out_dir), SUPERSEDED_NAME), "a", encoding="utf-8") as f:
+            f.writelines(moved)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(moved)
+
+
 class MetricsLogger:
     """Writes `<out_dir>/metrics.jsonl`, `<out_dir>/tensorboard/`, and shows progress.
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipr1_jax.train.config import TrainConfig, TrainConfigError
+from zipr1_jax.train.guard import DivergenceGuard
 
 BEFORE_RL_EVAL = "eval_before_rl.json"  # in the run's out_dir
 
@@ -29,7 +30,7 @@ def _tokenizer(cfg: TrainConfig, out_dir: str):
     return load_tokenizer(path)
 
 
-def _source(cfg: TrainConfig, *, eval_split: bool):
+def _source(cfg: TrainConfig, *, eval_split: bool, train=None):
     from zipr1_jax.data import sources
 
     d = cfg.data
@@ -39,7 +40,9 @@ def _source(cfg: TrainConfig, *, eval_split: bool):
             kw["tasks"] = d.tasks
         n = cfg.eval.num_examples if eval_split else d.num_examples
         return sources.BuiltinSource(n, **kw)
-    if d.source == "jsonl":
+    if eval_split and train is not None:  # the validated (and, with skip_bad_records, filtered) records
+        src = train
+    elif d.source == "jsonl":
         src = sources.JsonlSource(d.path)
     elif d.source == "hf_disk":
         src = sources.HFDiskSource(d.path)
@@ -81,12 +84,11 @@ class Job:
 
         self.cfg = cfg
         self.out_dir = cfg.log.out_dir
-        os.makedirs(self.out_dir, exist_ok=True)
-        if jax.process_index() == 0:
-            from zipr1_jax.train.cli import to_yaml
+        if jax.process_index() == 0:  # an unwritable directory stops the run here, not at its first save
+            from zipr1_jax.checkpoint import check_writable
 
-            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+            check_writable(self.out_dir, "log.out_dir")
+            check_writable(cfg.checkpoint_dir, "checkpoint.dir")
         devices = list(jax.devices() if devices is None else devices)
         self.mesh = make_mesh(**cfg.mesh.resolve(len(devices)), devices=devices)
         self.placement = Placement(self.mesh, DEFAULT_RULES)
@@ -115,6 +117,14 @@ class Job:
         common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size,
                       system_prompt=d.system_prompt)
         train_src = _source(cfg, eval_split=False)
+        from zipr1_jax.data.validate import source_fingerprint, validate_source  # before the first step
+
+        train_src, self.skipped_records = validate_source(
+            train_src, self.tokenizer, PipelineConfig(batch_size=1, **common), sft=cfg.sft.steps > 0,
+            skip_bad=d.skip_bad_records)
+        for index, problem in self.skipped_records:
+            print(f"data.skip_bad_records: skipped record {index}: {problem}", flush=True)
+        self.data_fingerprint = source_fingerprint(train_src)  # a resume checks it is the same data
         self.sft_loader = self.rl_loader = None
         if cfg.sft.steps > 0:
             src, pc = _process_rows(train_src, PipelineConfig(batch_size=cfg.sft.batch_size, **common),
@@ -125,7 +135,7 @@ class Job:
                                                               **common), "data.batch_size")
             self.rl_loader = rl_prompt_loader(src, self.tokenizer, pc, model_config=mc)
         eval_common = dict(common, seed=d.seed, shard_index=0, shard_count=1)
-        self.eval_loader = eval_loader(_source(cfg, eval_split=True), self.tokenizer,
+        self.eval_loader = eval_loader(_source(cfg, eval_split=True, train=train_src), self.tokenizer,
                                        PipelineConfig(batch_size=cfg.eval.batch_size, **eval_common), model_config=mc)
         self.sft_iter = iter(self.sft_loader) if self.sft_loader is not None else None
         self.rl_iter = iter(self.rl_loader) if self.rl_loader is not None else None
@@ -153,6 +163,16 @@ class Job:
             path_temperature=r.path_temperature)
         self.ckpt = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                  save_every=cfg.checkpoint.save_every, async_save=cfg.checkpoint.async_save)
+        # Decide what to resume from (and refuse) before this run writes anything into out_dir.
+        self.resume_step = plan_resume(cfg, self.ckpt, mc, self.data_fingerprint)
+        if jax.process_index() == 0:
+            from zipr1_jax.train.cli import to_yaml
+            from zipr1_jax.train.metrics import set_aside_rows_after
+
+            set_aside_rows_after(self.out_dir, -1 if self.resume_step is None else self.resume_step)
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        self.guard = DivergenceGuard(cfg.guard)
         self.logger = MetricsLogger(self.out_dir, total_steps=cfg.sft.steps, phase="sft",
                                     tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         self.ref_params = None
@@ -195,17 +215,12 @@ class Job:
         from zipr1_jax.train.state import TrainState
 
         cfg = self.cfg
-        latest = self.ckpt.latest_step() if cfg.checkpoint.resume else None
+        latest = self.resume_step
         if latest is None:
             if cfg.sft.steps > 0:
                 return self.init_state(self.params0, self.sft_tx), 0, "sft"
             return self.init_state(self.params0, self.rl_tx), 0, "init"
         meta = self.ckpt.restore_meta(latest)
-        saved = meta.get("fingerprint")
-        if saved is not None and saved != _fingerprint(cfg):
-            raise TrainConfigError(f"checkpoint.dir {self.ckpt.directory!r} holds step {latest} of a run with a "
-                                   f"different model / sparsity setup ({saved} vs {_fingerprint(cfg)}): use another "
-                                   "checkpoint.dir or checkpoint.resume=false")
         phase = meta["phase"]
         tx = self.sft_tx if phase == "sft" else self.rl_tx
         sh = self.state_shardings(tx)
@@ -254,7 +269,8 @@ class Job:
         data_state = {"sft": None if self.sft_iter is None else self.sft_iter.get_state(),
                       "rl": None if self.rl_iter is None else self.rl_iter.get_state()}
         meta = {"phase": phase, "phase_step": int(phase_step), "global_step": int(g),
-                "fingerprint": _fingerprint(self.cfg), "config": self.cfg.to_dict()}
+                "fingerprint": fingerprint(self.cfg, self.model_config), "data_fingerprint": self.data_fingerprint,
+                "config": self.cfg.to_dict()}
         return self.ckpt.save(g, params=state.params, opt_state=state.opt_state, meta=meta, data_state=data_state,
                               force=force)
 
@@ -323,9 +339,72 @@ class Job:
         self.logger.close()
 
 
-def _fingerprint(cfg: TrainConfig) -> dict:
-    d = cfg.to_dict()
-    return {"model": d["model"], "sparsity_mode": d["sparsity"]["mode"]}
+def fingerprint(cfg: TrainConfig, model_config) -> dict:
+    """What a resume must agree on: the resolved model architecture (presets expanded, so
+    `model.layers=2` equals a preset's default of 2) and the sparsity mode."""
+    arch = {k: v for k, v in dataclasses.asdict(model_config).items() if k not in ("name", "extra_hf")}
+    return {"model_config": json.loads(json.dumps(arch, default=str)), "sparsity_mode": cfg.sparsity.mode}
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """'key: checkpoint X vs now Y' for every leaf where nested dicts a (saved) and b (now) differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: checkpoint {a!r} vs now {b!r}"]
+
+
+def plan_resume(cfg: TrainConfig, ckpt, model_config, data_fingerprint: dict | None = None) -> int | None:
+    """The step this run resumes from (None: a fresh start), after every refusal that must come
+    before anything is written: a fresh run into a directory holding another run, an unknown
+    checkpoint.resume_step, a checkpoint of a different model. With resume_step the later steps
+    are moved to `<checkpoint dir>/superseded/` (and the KL reference too when going back before RL)."""
+    c = cfg.checkpoint
+    steps = ckpt.all_steps()
+    metrics = os.path.join(cfg.log.out_dir, "metrics.jsonl")
+    if not c.resume:
+        if steps or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
+            held = f"checkpoint steps {steps} in {ckpt.directory}" if steps else f"a metrics file {metrics}"
+            raise TrainConfigError(f"checkpoint.resume=false, but the run directory already holds {held} of "
+                                   "another run; a new run there would mix with it. Use a new log.out_dir (and "
+                                   "checkpoint.dir), or resume it (checkpoint.resume=true, optionally "
+                                   "checkpoint.resume_step=N)")
+        return None
+    if c.resume_step is not None and c.resume_step not in steps:
+        raise TrainConfigError(f"checkpoint.resume_step: no step {c.resume_step} in {ckpt.directory}; available "
+                               f"steps: {steps or 'none'}")
+    latest = c.resume_step if c.resume_step is not None else (steps[-1] if steps else None)
+    if latest is None:
+        return None
+    meta = ckpt.restore_meta(latest)
+    saved_data = meta.get("data_fingerprint")
+    if saved_data is not None and data_fingerprint is not None and saved_data != data_fingerprint \
+            and not c.allow_data_change:
+        raise TrainConfigError(f"checkpoint step {latest} in {ckpt.directory} was trained on other data "
+                               f"({saved_data['num_records']} records, hash {saved_data['hash']}; now "
+                               f"{data_fingerprint['num_records']} records, hash {data_fingerprint['hash']}): the "
+                               "batches after the resume would not continue the run. Restore the data, use a new "
+                               "log.out_dir, or set checkpoint.allow_data_change=true to continue on the new data")
+    saved = meta.get("fingerprint") or {}
+    if "model_config" in saved:  # checkpoints of older versions: the restore's shape check still applies
+        now = fingerprint(cfg, model_config)
+        diff = _differences(saved, now)
+        if diff:
+            raise TrainConfigError(f"checkpoint.dir {ckpt.directory} holds step {latest} of a different model / "
+                                   f"sparsity setup: {'; '.join(diff[:5])}. Use another log.out_dir / "
+                                   "checkpoint.dir, or the checkpoint's settings")
+    if c.resume_step is not None and jax.process_index() == 0:
+        ckpt.set_aside_after(latest)
+        ref = os.path.join(os.fspath(ckpt.directory), "reference")
+        if latest <= cfg.sft.steps and os.path.isdir(ref):  # RL restarts: its reference is rebuilt
+            os.makedirs(os.path.join(os.fspath(ckpt.directory), "superseded"), exist_ok=True)
+            dest, k = os.path.join(os.fspath(ckpt.directory), "superseded", "reference"), 1
+            while os.path.exists(dest):
+                dest, k = os.path.join(os.fspath(ckpt.directory), "superseded", f"reference.{k}"), k + 1
+            os.rename(ref, dest)
+    return latest
 
 
 def setup(cfg: TrainConfig, devices=None) -> Job:

@@ -34,7 +34,8 @@ def _sft_update(state: TrainState, rows, pos_3BL, vision, *, tx, graphdef, grids
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

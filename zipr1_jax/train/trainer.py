@@ -12,7 +12,6 @@ policy at the start of RL) is written once to `<checkpoint dir>/reference`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -20,10 +19,7 @@ import jax
 import numpy as np
 
 from zipr1_jax.train.config import TrainConfig, TrainConfigError
-
-
-class TrainingDivergedError(RuntimeError):
-    """A loss or gradient became non-finite; the last good checkpoint is kept."""
+from zipr1_jax.train.guard import TrainingDivergedError, divergence_message
 
 
 def run(cfg: TrainConfig, *, stop_after_step: int | None = None, devices=None) -> dict:
@@ -43,15 +39,16 @@ def run(cfg: TrainConfig, *, stop_after_step: int | None = None, devices=None) -
         job.close()
 
 
-def _finite(metrics: dict, phase: str, step: int, job) -> None:
-    bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
-    if bad:
-        latest = job.ckpt.latest_step()
-        raise TrainingDivergedError(
-            f"{phase} step {step}: non-finite {', '.join(bad)} ({ {k: metrics[k] for k in bad} }); training "
-            f"stopped without saving. Latest good checkpoint: "
-            f"{'none' if latest is None else f'step {latest} in {job.ckpt.directory}'}. Lower the learning "
-            "rate or enable gradient clipping.")
+def _checked(metrics: dict, phase: str, step: int, job) -> None:
+    """Stop before step `step` can be saved if the guard finds it diverged, or if a background
+    save of an earlier step failed."""
+    job.ckpt.check()
+    problem = job.guard.problem(metrics, phase)
+    if problem is not None:
+        job.ckpt.wait()
+        clip = job.cfg.sft.grad_clip if phase == "sft" else job.cfg.rl.grad_clip
+        raise TrainingDivergedError(divergence_message(problem, phase=phase, step=step, latest=job.ckpt.latest_step(),
+                                                       directory=str(job.ckpt.directory), grad_clip=clip))
 
 
 def _run(cfg: TrainConfig, job, stop_after_step):
@@ -79,7 +76,7 @@ def _run(cfg: TrainConfig, job, stop_after_step):
                                 placement=job.placement, state_shardings=job.state_shardings(job.sft_tx),
                                 all_targets_except=skip)
             g += 1
-            _finite(m, "sft", g, job)
+            _checked(m, "sft", g, job)
             m["lr"] = float(job.sft_schedule(g - 1))
             if g % cfg.log.log_every == 0 or g == n_sft:
                 log.log(g, m, phase="sft")
@@ -99,7 +96,7 @@ def _run(cfg: TrainConfig, job, stop_after_step):
             batch = job.next_batch("rl")
             state, m, _ = learner.step(state, job.ref_params, batch, jax.random.fold_in(key, g), step=g)
             g += 1
-            _finite(m, "rl", g, job)
+            _checked(m, "rl", g, job)
             m["lr"] = float(job.rl_schedule(g - n_sft - 1))
             if g % cfg.log.log_every == 0 or g == total:
                 log.log(g, m, phase="rl")
