@@ -107,6 +107,12 @@ def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: str = 
     return config, _fill(config, _iter_tensors(checkpoint_files(path)), path)
 
 
+def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> QwenVLForConditionalGeneration:
+    """The model of a Hugging Face Qwen2-VL / Qwen2.5-VL directory (config.json + *.safetensors),
+    like transformers' `from_pretrained`; its config is `model.config`."""
+    return load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype)[1]
+
+
 def from_hf_state_dict(config: QwenVLConfig, state_dict) -> QwenVLForConditionalGeneration:
     """Build our model from an in-memory HF state dict (torch tensors or arrays, either layout)."""
     def items():

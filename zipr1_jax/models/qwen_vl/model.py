@@ -146,14 +146,21 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
                  image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                  return_hidden_states: bool = False,
                  attend: AttendFn | Sequence[AttendFn | None] | None = None,
-                 logits_slice: tuple[int, int] | None = None, vision_end: int | None = None) -> ModelOutput:
+                 logits_slice: tuple[int, int] | None = None, vision_end: int | None = None,
+                 attention_mask=None, position_ids=None) -> ModelOutput:
         """Full causal forward. `attend` optionally replaces the attention core (one or per layer).
+
+        `attention_mask` / `position_ids` are the Hugging Face names of `attention_mask_BL` /
+        `position_ids_3BL` ([B, L] mask; [3, B, L] M-RoPE ids), accepted so transformers-style
+        calls work; giving both spellings of one input is an error.
 
         `logits_slice=(start, stop)` (static) projects only positions [start, stop) to the vocabulary:
         logits [B, stop - start, V]. The learner needs the response positions only, and at real
         vocabularies (152k) the prompt's logits would dominate activation memory.
         `vision_end` (static): vision pads count only in columns [0, vision_end) (see `embed`).
         """
+        attention_mask_BL = _one_of("attention_mask", attention_mask_BL, attention_mask)
+        position_ids_3BL = _one_of("position_ids", position_ids_3BL, position_ids)
         if position_ids_3BL is None:
             position_ids_3BL, _ = self.position_ids(input_ids_BL, attention_mask_BL, image_grid_thw,
                                                     video_grid_thw, second_per_grid_ts)
@@ -242,3 +249,10 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
             x = layer(x, cos, sin, masks[y], attend=attends[y], kv_update=updater(y))
         logits = self._logits(self.norm(x))
         return logits, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), length=cache.length + T)
+
+
+def _one_of(name: str, ours, hf):
+    """The value of an input given under our shape-suffixed name or its Hugging Face name."""
+    if ours is not None and hf is not None:
+        raise TypeError(f"{name} given twice (as {name} and with its shape suffix); pass one")
+    return ours if ours is not None else hf
