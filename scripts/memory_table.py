@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from zipr1_jax.sharding.memory import GIB, default_estimates, markdown_table
+    from zipr1_jax.train.memory import GIB, default_estimates, markdown_table
 
     estimates = default_estimates()
     if args.json:

@@ -171,7 +171,7 @@ def test_token_ratios_equal_selection_counts(env, sweep):
 
 
 def test_harness_matches_the_trainers_greedy_eval(env, sweep):
-    from zipr1_jax.eval.greedy import evaluate_greedy  # noqa: PLC0415
+    from zipr1_jax.train.greedy_eval import evaluate_greedy  # noqa: PLC0415
 
     got = evaluate_greedy(env["model"], env["loader"], env["tok"], p=0.6, max_new_tokens=T_NEW, eos_ids=EOS,
                           pad_id=PAD, sparsity=SPARSITY)

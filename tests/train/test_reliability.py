@@ -18,8 +18,9 @@ from zipr1_jax.train.trainer import TrainingDivergedError, run
 from tests.train.tiny_run import TINY
 
 ONE = jax.devices()[:1]
-# 2 SFT + 3 GRPO steps; RL at an absurd learning rate (the reproduction used 1e6).
-EXPLODE = ["sft.steps=2", "rl.steps=3", "rl.lr=1e6"]
+# 2 SFT + 3 GRPO steps; RL at an absurd learning rate (the reproduction used 1e6). Dense
+# evaluation only: one program fewer to compile.
+EXPLODE = ["sft.steps=2", "rl.steps=3", "rl.lr=1e6", "eval.p_list=[1.0]"]
 
 
 def _cfg(out, *extra):
@@ -94,7 +95,8 @@ def test_resume_from_an_older_step_sets_the_later_ones_aside(diverged, tmp_path)
     out = tmp_path / "run"
     shutil.copytree(src, out)
     # The preset's own depth spelled out (model.layers=2) is the same model: accepted.
-    summary = run(_cfg(out, "sft.steps=2", "rl.steps=3", "model.layers=2", "checkpoint.resume_step=1"), devices=ONE)
+    summary = run(_cfg(out, "sft.steps=2", "rl.steps=3", "eval.p_list=[1.0]", "model.layers=2",
+                       "checkpoint.resume_step=1"), devices=ONE)
     assert summary["global_step"] == 5 and not summary["stopped_early"]
     # Kept, not deleted: step 2 and the KL reference the first run wrote when its RL began.
     assert sorted(os.listdir(out / "checkpoints" / "superseded")) == ["2", "reference"]

@@ -253,13 +253,10 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 
 def rl_optimizer_config(cfg) -> Any:
     """The OptimConfig a trainer run of `cfg` (a TrainConfig) restores a phase-"init" checkpoint
-    with: its RL optimizer (mirrors `zipr1_jax.train.setup.Job.rl_opt`)."""
-    from zipr1_jax.train.optim import OptimConfig
+    with: its RL optimizer."""
+    from zipr1_jax.train.optim import phase_optim_config
 
-    r = cfg.rl
-    return OptimConfig(lr=r.lr, total_steps=max(r.steps, 1), warmup_steps=r.warmup_steps, schedule=r.schedule,
-                       min_lr_ratio=r.min_lr_ratio, weight_decay=r.weight_decay, grad_clip=r.grad_clip,
-                       freeze_vision=cfg.model.freeze_vision)
+    return phase_optim_config(cfg, "rl")
 
 
 def _fresh_opt_state(optimizer, params: nnx.State, mesh: jax.sharding.Mesh):

@@ -44,6 +44,7 @@ import numpy as np
 
 from zipr1_jax.data import batching, chat
 from zipr1_jax.data.sources import load_image
+from zipr1_jax.models.qwen_vl.rope import get_rope_index
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,10 +236,6 @@ def record_processor(tokenizer, cfg: PipelineConfig, *, sft: bool, image_process
 
 def _rope_fn(model_config, merge_size: int, special: chat.SpecialIds):
     if model_config is None:
-        return None
-    try:
-        from zipr1_jax.models.qwen_vl.rope import get_rope_index
-    except ImportError:  # model package not available: leave position ids to the model
         return None
     if model_config.image_token_id != special.image_pad or model_config.video_token_id != special.video_pad:
         raise ValueError(f"tokenizer image/video pad ids ({special.image_pad}, {special.video_pad}) differ from the "

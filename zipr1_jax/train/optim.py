@@ -39,6 +39,17 @@ class OptimConfig:
             raise ValueError("OptimConfig.weight_decay and grad_clip must be >= 0")
 
 
+def phase_optim_config(cfg, phase: str) -> OptimConfig:
+    """The optimizer of phase "sft" or "rl" of a TrainConfig: the one home of that mapping (the
+    trainer, HF -> Orbax conversion with an optimizer state, and the memory table use it)."""
+    if phase not in ("sft", "rl"):
+        raise ValueError(f"phase must be 'sft' or 'rl', got {phase!r}")
+    s = cfg.sft if phase == "sft" else cfg.rl
+    schedule = dict(schedule=s.schedule, min_lr_ratio=s.min_lr_ratio) if phase == "rl" else {}
+    return OptimConfig(lr=s.lr, total_steps=max(s.steps, 1), warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
+                       grad_clip=s.grad_clip, freeze_vision=cfg.model.freeze_vision, **schedule)
+
+
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Linear warmup from 0 to lr over warmup_steps, then cosine decay (or constant)."""
     warmup = min(cfg.warmup_steps, cfg.total_steps)

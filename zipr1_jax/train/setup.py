@@ -12,16 +12,35 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from zipr1_jax.checkpoint import Checkpointer, check_writable, params_dir, restore_params, save_params
+from zipr1_jax.data import sources
+from zipr1_jax.data.chat import SpecialIds
+from zipr1_jax.data.pipelines import PipelineConfig, eval_loader, rl_prompt_loader, sft_loader
+from zipr1_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from zipr1_jax.data.validate import source_fingerprint, validate_source
+from zipr1_jax.rl.rollout import SamplingConfig
+from zipr1_jax.sharding.logical import use_mesh
+from zipr1_jax.sharding.mesh import make_mesh
+from zipr1_jax.sharding.rules import DEFAULT_RULES, opt_state_shardings, state_shardings
+from zipr1_jax.train.cli import to_yaml
 from zipr1_jax.train.config import TrainConfig, TrainConfigError
+from zipr1_jax.train.distributed import ProcessRows, barrier, gather_batch
+from zipr1_jax.train.greedy_eval import evaluate_greedy
 from zipr1_jax.train.guard import DivergenceGuard
+from zipr1_jax.train.learner import LearnerConfig
+from zipr1_jax.train.metrics import MetricsLogger, set_aside_rows_after
+from zipr1_jax.train.optim import learning_rate_schedule, make_optimizer, phase_optim_config
+from zipr1_jax.train.parallel import Placement
+from zipr1_jax.train.plots import plot_metrics
+from zipr1_jax.train.state import TrainState, build_model, sparsity_config, split_params
+from zipr1_jax.train.summary import write_summary
 
 BEFORE_RL_EVAL = "eval_before_rl.json"  # in the run's out_dir
 
 
 def _tokenizer(cfg: TrainConfig, out_dir: str):
-    from zipr1_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
-
     path = cfg.tokenizer_dir()
     if path == "builtin":
         # Deterministic: other processes build their own copy (no race on, or need for, a shared out_dir).
@@ -31,8 +50,6 @@ def _tokenizer(cfg: TrainConfig, out_dir: str):
 
 
 def _source(cfg: TrainConfig, *, eval_split: bool, train=None):
-    from zipr1_jax.data import sources
-
     d = cfg.data
     if d.source == "builtin":
         kw = dict(seed=d.seed + (1_000_003 if eval_split else 0), difficulty=d.difficulty, image_size=d.image_size)
@@ -58,7 +75,6 @@ def _process_rows(source, pc, field: str):
     """(source, PipelineConfig) of this process's rows of every global batch (one process: as is)."""
     if jax.process_count() == 1:
         return source, pc
-    from zipr1_jax.train.distributed import ProcessRows
 
     if pc.batch_size % jax.process_count():
         raise TrainConfigError(f"{field}: the global batch of {pc.batch_size} does not split over "
@@ -70,23 +86,9 @@ def _process_rows(source, pc, field: str):
 
 class Job:
     def __init__(self, cfg: TrainConfig, devices=None):
-        from zipr1_jax.checkpoint import Checkpointer
-        from zipr1_jax.data.chat import SpecialIds
-        from zipr1_jax.data.pipelines import PipelineConfig, eval_loader, rl_prompt_loader, sft_loader
-        from zipr1_jax.rl.rollout import SamplingConfig
-        from zipr1_jax.sharding.mesh import make_mesh
-        from zipr1_jax.sharding.rules import DEFAULT_RULES, state_shardings
-        from zipr1_jax.train.learner import LearnerConfig
-        from zipr1_jax.train.metrics import MetricsLogger
-        from zipr1_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
-        from zipr1_jax.train.parallel import Placement
-        from zipr1_jax.train.state import build_model, sparsity_config, split_params
-
         self.cfg = cfg
         self.out_dir = cfg.log.out_dir
         if jax.process_index() == 0:  # an unwritable directory stops the run here, not at its first save
-            from zipr1_jax.checkpoint import check_writable
-
             check_writable(self.out_dir, "log.out_dir")
             check_writable(cfg.checkpoint_dir, "checkpoint.dir")
         devices = list(jax.devices() if devices is None else devices)
@@ -105,8 +107,6 @@ class Job:
         del model
         self.param_shardings = state_shardings(params, self.mesh)
         if cfg.model.init_params is not None:  # abstract params: read the weights into their shardings
-            from zipr1_jax.checkpoint import params_dir, restore_params
-
             self.params0 = restore_params(params_dir(cfg.model.init_params),
                                           self._abstract(params, self.param_shardings))
         else:
@@ -117,7 +117,6 @@ class Job:
         common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size,
                       system_prompt=d.system_prompt)
         train_src = _source(cfg, eval_split=False)
-        from zipr1_jax.data.validate import source_fingerprint, validate_source  # before the first step
 
         train_src, self.skipped_records = validate_source(
             train_src, self.tokenizer, PipelineConfig(batch_size=1, **common), sft=cfg.sft.steps > 0,
@@ -140,13 +139,8 @@ class Job:
         self.sft_iter = iter(self.sft_loader) if self.sft_loader is not None else None
         self.rl_iter = iter(self.rl_loader) if self.rl_loader is not None else None
         # Optimizers.
-        s, r = cfg.sft, cfg.rl
-        fv = cfg.model.freeze_vision
-        self.sft_opt = OptimConfig(lr=s.lr, total_steps=max(s.steps, 1), warmup_steps=s.warmup_steps,
-                                   weight_decay=s.weight_decay, grad_clip=s.grad_clip, freeze_vision=fv)
-        self.rl_opt = OptimConfig(lr=r.lr, total_steps=max(r.steps, 1), warmup_steps=r.warmup_steps,
-                                  schedule=r.schedule, min_lr_ratio=r.min_lr_ratio, weight_decay=r.weight_decay,
-                                  grad_clip=r.grad_clip, freeze_vision=fv)
+        r = cfg.rl
+        self.sft_opt, self.rl_opt = phase_optim_config(cfg, "sft"), phase_optim_config(cfg, "rl")
         self.sft_tx = make_optimizer(self.sft_opt, params)
         self.rl_tx = make_optimizer(self.rl_opt, params)
         self.sft_schedule = learning_rate_schedule(self.sft_opt)
@@ -166,9 +160,6 @@ class Job:
         # Decide what to resume from (and refuse) before this run writes anything into out_dir.
         self.resume_step = plan_resume(cfg, self.ckpt, mc, self.data_fingerprint)
         if jax.process_index() == 0:
-            from zipr1_jax.train.cli import to_yaml
-            from zipr1_jax.train.metrics import set_aside_rows_after
-
             set_aside_rows_after(self.out_dir, -1 if self.resume_step is None else self.resume_step)
             with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
@@ -184,15 +175,11 @@ class Job:
         batch = next(self.sft_iter if phase == "sft" else self.rl_iter)
         if jax.process_count() == 1:
             return batch
-        from zipr1_jax.train.distributed import gather_batch
 
         return gather_batch(batch, padding_side="right" if phase == "sft" else "left", pad_id=self.special.pad)
 
     # ------------------------------------------------------------------ state
     def state_shardings(self, tx):
-        from zipr1_jax.sharding.rules import opt_state_shardings
-        from zipr1_jax.train.state import TrainState
-
         key = id(tx)
         if key not in self._sh_cache:
             abstract_opt = jax.eval_shape(tx.init, self.params0)
@@ -201,8 +188,6 @@ class Job:
         return self._sh_cache[key]
 
     def init_state(self, params, tx):
-        from zipr1_jax.train.state import TrainState
-
         sh = self.state_shardings(tx)
         opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
         return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step), params=params, opt_state=opt_state)
@@ -212,8 +197,6 @@ class Job:
 
     def restore_or_init(self):
         """(state, global step, phase) from the latest checkpoint, or a fresh start."""
-        from zipr1_jax.train.state import TrainState
-
         cfg = self.cfg
         latest = self.resume_step
         if latest is None:
@@ -244,17 +227,12 @@ class Job:
         return os.path.join(self.ckpt.directory, "reference")
 
     def _load_reference(self):
-        from zipr1_jax.checkpoint import restore_params
-
         if self.cfg.rl.beta_kl == 0:
             return None
         return restore_params(self._reference_dir(), self._abstract(self.params0, self.param_shardings))
 
     def start_rl(self, state):
         """The policy at the start of RL becomes the frozen DENSE reference; fresh RL optimizer."""
-        from zipr1_jax.checkpoint import save_params
-        from zipr1_jax.train.distributed import barrier
-
         if self.cfg.rl.beta_kl > 0:
             self.ref_params = jax.tree.map(lambda x: x.copy(), state.params)
             ref_dir = self._reference_dir()
@@ -276,16 +254,11 @@ class Job:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params) -> dict:
-        from flax import nnx
-
-        from zipr1_jax.eval.greedy import evaluate_greedy
-
         model = nnx.merge(self.graphdef, params)
         context = self.placement.context
         if jax.process_count() > 1:
             # evaluate_greedy reads the sampler's outputs with np.asarray, which only works for arrays
             # every process holds whole: do not split eval rows over processes (parameters stay sharded).
-            from zipr1_jax.sharding.logical import use_mesh
 
             rules = tuple((name, None if name == "batch" else axes) for name, axes in self.placement.rules)
             context = lambda: use_mesh(self.mesh, rules)  # noqa: E731
@@ -314,9 +287,6 @@ class Job:
 
     # ------------------------------------------------------------------ end
     def finish(self, state, g: int, *, stopped: bool, final_eval: bool = False) -> dict:
-        from zipr1_jax.train.plots import plot_metrics
-        from zipr1_jax.train.trainer import write_summary
-
         self.ckpt.wait()
         summary = {"global_step": int(g), "stopped_early": stopped, "out_dir": self.out_dir,
                    "checkpoint_dir": str(self.ckpt.directory), "latest_checkpoint": self.ckpt.latest_step()}

@@ -108,11 +108,9 @@ def _abstract_params(model_config):
 
 
 def _optimizer(cfg):
-    from zipr1_jax.train.optim import OptimConfig
+    from zipr1_jax.train.optim import phase_optim_config
 
-    phase = cfg.rl if cfg.rl.steps > 0 else cfg.sft  # one phase's state is alive at a time
-    return OptimConfig(lr=phase.lr, total_steps=max(phase.steps, 1), weight_decay=phase.weight_decay,
-                       grad_clip=phase.grad_clip, freeze_vision=cfg.model.freeze_vision)
+    return phase_optim_config(cfg, "rl" if cfg.rl.steps > 0 else "sft")  # one phase's state is alive at a time
 
 
 def kv_cache_bytes(*, layers: int, rows: int, capacity: int, kv_heads: int, head_dim: int, dtype,

@@ -1,4 +1,4 @@
-"""The per-device memory table (scripts/memory_table.py, zipr1_jax/sharding/memory.py) on the real
+"""The per-device memory table (scripts/memory_table.py, zipr1_jax/train/memory.py) on the real
 Qwen2.5-VL-7B preset (shapes only): its numbers against independent arithmetic, and the README
 holds exactly what the script prints."""
 
@@ -11,7 +11,7 @@ import runpy
 import numpy as np
 import pytest
 
-from zipr1_jax.sharding import memory
+from zipr1_jax.train import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
