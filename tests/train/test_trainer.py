@@ -82,9 +82,9 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
-    import zipr1_jax.train.sft as sft
+    import zipr1_jax.train.trainer as trainer  # the name the training loop calls
 
-    real = sft.sft_step
+    real = trainer.sft_step
 
     def poisoned(state, batch, **kw):
         state, m = real(state, batch, **kw)
@@ -92,7 +92,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
             m["loss"] = float("nan")
         return state, m
 
-    monkeypatch.setattr(sft, "sft_step", poisoned)
+    monkeypatch.setattr(trainer, "sft_step", poisoned)
     with pytest.raises(TrainingDivergedError, match="non-finite loss.*step 1"):
         run(_cfg(tmp_path), devices=ONE)
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
