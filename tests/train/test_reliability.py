@@ -157,9 +157,14 @@ def test_a_full_disk_ends_the_run_with_one_clear_error(tmp_path):
                           env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 1, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    # Orbax's threads print tracebacks concurrently (C-level, unbuffered), so the error line can share
+    # a line with their text: look for it anywhere.
+    import re
+
+    errors = re.findall(r"error: [^\n]*", done.stderr)
     assert len(errors) == 1, done.stderr[-3000:]
-    assert errors[0].startswith(f"error: saving a checkpoint to {tmp_path / 'checkpoints'} failed (")
+    # The step's async save or the KL reference's save, whichever the full disk hits first.
+    assert re.match(rf"error: saving (a checkpoint|parameters) to {tmp_path / 'checkpoints'}\S* failed \(", errors[0])
     assert "File too large" in errors[0]
     assert not (tmp_path / "summary.json").exists()
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]  # no half step looks finished

@@ -366,20 +366,22 @@ class Checkpointer:
             raise _unreadable(f"checkpoint step {step} in {self.directory}", e) from e
         return dict(out["meta"])
 
-    def set_aside_after(self, step: int) -> list[int]:
-        """Move every step after `step` to `<directory>/superseded/<step>[.k]` (kept, not deleted),
-        e.g. to resume from an older step; returns the steps moved."""
+    def set_aside_after(self, step: int, *, also: tuple[str, ...] = ()) -> list[int]:
+        """Move every step after `step`, and the sub-directories named in `also` (e.g. "reference"),
+        to `<directory>/superseded/<name>[.k]` (kept, not deleted), e.g. to resume from an older
+        step; returns the steps moved."""
         self.wait()
         later = [s for s in self.all_steps() if s > step]
-        if later:
+        names = [str(s) for s in later] + [n for n in also if (self.directory / n).exists()]
+        if names:
             aside = self.directory / "superseded"
             aside.mkdir(parents=True, exist_ok=True)
-            for s in later:
-                dest, k = aside / str(s), 1
+            for name in names:
+                dest, k = aside / name, 1
                 while dest.exists():
-                    dest, k = aside / f"{s}.{k}", k + 1
-                (self.directory / str(s)).rename(dest)
-                log.warning("checkpoint step %d moved to %s", s, dest)
+                    dest, k = aside / f"{name}.{k}", k + 1
+                (self.directory / name).rename(dest)
+                log.warning("checkpoint %s moved to %s", name, dest)
             self._manager.reload()
         return later
 
@@ -410,7 +412,10 @@ class Checkpointer:
                                       "finished (see the log above for the cause)")
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()  # waits for a pending save: its failure can surface here
+        except Exception as e:
+            raise CheckpointError(f"saving a checkpoint to {self.directory} failed ({_cause_text(e)})") from e
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -443,9 +448,12 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     target = _as_path(path)
     if target.exists():
         raise CheckpointError(f"save_params: {target} already exists; refusing to overwrite it")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, to_canonical(params, "params"))
-        ckptr.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(target, to_canonical(params, "params"))
+            ckptr.wait_until_finished()
+    except Exception as e:  # disk full, permissions: one clear error naming the path
+        raise CheckpointError(f"saving parameters to {target} failed ({_cause_text(e)})") from e
 
 
 def restore_params(path: str | os.PathLike, target: Any) -> Any:

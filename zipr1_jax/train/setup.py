@@ -366,14 +366,8 @@ def plan_resume(cfg: TrainConfig, ckpt, model_config, data_fingerprint: dict | N
                                    f"sparsity setup: {'; '.join(diff[:5])}. Use another log.out_dir / "
                                    "checkpoint.dir, or the checkpoint's settings")
     if c.resume_step is not None and jax.process_index() == 0:
-        ckpt.set_aside_after(latest)
-        ref = os.path.join(os.fspath(ckpt.directory), "reference")
-        if latest <= cfg.sft.steps and os.path.isdir(ref):  # RL restarts: its reference is rebuilt
-            os.makedirs(os.path.join(os.fspath(ckpt.directory), "superseded"), exist_ok=True)
-            dest, k = os.path.join(os.fspath(ckpt.directory), "superseded", "reference"), 1
-            while os.path.exists(dest):
-                dest, k = os.path.join(os.fspath(ckpt.directory), "superseded", f"reference.{k}"), k + 1
-            os.rename(ref, dest)
+        # Going back to before RL: RL restarts and rebuilds its KL reference.
+        ckpt.set_aside_after(latest, also=("reference",) if latest <= cfg.sft.steps else ())
     return latest
 
 

@@ -11,6 +11,7 @@ policy at the start of RL) is written once to `<checkpoint dir>/reference`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -33,9 +34,13 @@ def run(cfg: TrainConfig, *, stop_after_step: int | None = None, devices=None) -
     cfg.check_runnable()
     job = setup(cfg, devices=devices)
     try:
-        return _run(cfg, job, stop_after_step)
-    finally:
-        job.close()
+        summary = _run(cfg, job, stop_after_step)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            job.close()
+        raise
+    job.close()
+    return summary
 
 
 def _checked(metrics: dict, phase: str, step: int, job) -> None:
