@@ -4,7 +4,7 @@ Same on both sides: a tiny random Qwen2-VL (built as in benchmarks/rollout.py; T
 `from_pretrained`, ours imports the weights with `from_hf_state_dict`); B text prompts with identical
 token ids (a word-level tokenizer maps id i to the word "w<i>"); G sampled completions per prompt of
 exactly `--new` tokens (the stop id lies outside the vocabulary); one reward on the decoded text;
-group-normalised advantages; reference log-probs (beta > 0); ONE AdamW update (mu = 1) of the
+group mean-centred advantages (see ADVANTAGE); reference log-probs (beta > 0); ONE AdamW update (mu = 1) of the
 token-level clipped surrogate - beta * k3 KL. Dense attention (HF sdpa); our sparse step (p = 0.9)
 is an extra row.
 
@@ -18,9 +18,12 @@ changes on this shared machine hit all sides alike; medians are reported, split 
     nice -n 10 python benchmarks/grpo_step_vs_trl.py [--prompts 4 --group 4 --prompt 64 --new 64]
         [--repeats 7] [--trl-python /work/trl_venv/bin/python] [--write-md]
 
-This file is also the TRL worker (`--trl-worker SPEC.json`, run by the TRL venv's python), so jax
-and zipr1_jax are imported lazily. `main(argv) -> dict` is importable; `--no-trl` runs our side
-only (tests/benchmarks/test_grpo_bench.py).
+Layout: this driver (worker handles, interleaved timing, the run, the command line);
+grpo_shared.py (constants, tokenizer, reward: both venvs); grpo_trl_side.py (the TRL worker, run by
+the TRL venv's python); grpo_ours_side.py (our learner step and objective); grpo_check.py (the
+same-objective check); grpo_report.py (table, notes, BENCHMARKS.md section). jax and zipr1_jax are
+imported lazily. `main(argv) -> dict` is importable; `--no-trl` runs our side only
+(tests/benchmarks/test_grpo_bench.py).
 """
 
 from __future__ import annotations
@@ -29,124 +32,17 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
-from _markdown import replace_section  # noqa: E402
-
-for _k, _v in (("JAX_PLATFORMS", "cpu"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-               ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-    os.environ.setdefault(_k, _v)
-
-SECTION = "## One GRPO step vs TRL GRPOTrainer"
-PROTO = "@@grpo-bench "  # prefix of the worker's protocol lines on stdout (other output is skipped)
-SPARSE_P = 0.9
-REWARD_NAME = "bench_even_words"
-PHASES = ("rollout", "reference", "update", "other")
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# ---------------------------------------------------------------------- shared by both sides
-def word_tokenizer(vocab_size: int, pad_id: int):
-    """A word-level HF tokenizer over "w0".."w<V-1>" (pad_id is "<pad>"), with "<eos>" = V OUTSIDE the
-    model's vocabulary: the model can never sample it, so every completion runs to max length."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {("<pad>" if i == pad_id else f"w{i}"): i for i in range(vocab_size)}
-    vocab.update({"<eos>": vocab_size, "<unk>": vocab_size + 1})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   padding_side="left")
-
-
-def even_word_reward(text: str) -> float:
-    """Fraction of the completion's words "w<i>" with even i: cheap, computed from decoded text on
-    both sides alike, and it varies within a group (non-zero advantages)."""
-    ids = [int(w[1:]) for w in text.split() if re.fullmatch(r"w\d+", w)]
-    return float(np.mean([i % 2 == 0 for i in ids])) if ids else 0.0
-
-
-def prompt_texts(ids_BL: np.ndarray, mask_BL: np.ndarray) -> list[str]:
-    return [" ".join(f"w{i}" for i in ids[m > 0]) for ids, m in zip(ids_BL, mask_BL)]
-
-
-def _emit(kind: str, **payload) -> None:
-    print(PROTO + json.dumps({"kind": kind, **payload}), flush=True)
-
-
-# ---------------------------------------------------------------------- the TRL side (TRL venv)
-def trl_worker(spec_path: str) -> None:
-    """Build a GRPOTrainer from the spec and train `steps` steps, each started by a "go" on stdin."""
-    import datasets
-    import torch
-    import transformers
-    import trl
-    import trl.extras.profiling
-    from transformers import Qwen2VLForConditionalGeneration, TrainerCallback
-
-    spec = json.load(open(spec_path))
-    torch.set_num_threads(spec["threads"])
-    transformers.logging.set_verbosity_error()
-    tok = word_tokenizer(spec["vocab"], spec["pad_id"])
-    got = [tok(t)["input_ids"] for t in spec["prompts"]]
-    if got != spec["prompt_ids"]:
-        raise RuntimeError("the TRL side tokenizes the prompts to other ids than ours")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(spec["model_dir"], dtype=torch.float32,
-                                                            attn_implementation="sdpa")
-    model.generation_config.eos_token_id = spec["vocab"]  # outside the vocabulary: no early stop
-
-    def even_words(completions, **_):
-        return [even_word_reward(c) for c in completions]
-
-    # TRL times its blocks (generate, _prepare_inputs, _get_per_token_logps..., compute_loss) for its
-    # loggers; keep them per step for the phase breakdown.
-    blocks = []
-    trl.extras.profiling.ProfilingContext._log_metrics = lambda self, d: blocks.append((self.name.split(".", 1)[1], d))
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.t0, self.logs = None, []
-
-        def on_step_begin(self, args, state, control, **kw):
-            _emit("ready", step=state.global_step)
-            if sys.stdin.readline().strip() != "go":
-                raise SystemExit("grpo bench worker: the driver closed the pipe")
-            blocks.clear()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _emit("done", seconds=time.perf_counter() - self.t0, blocks=list(blocks))
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            self.logs.append({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-
-    R = len(spec["prompts"]) * spec["group"]
-    args = trl.GRPOConfig(
-        output_dir=os.path.join(os.path.dirname(spec_path), f"trl_out_{spec['threads']}"), use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, per_device_train_batch_size=R,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, num_generations=spec["group"],
-        max_completion_length=spec["new"], temperature=1.0, top_p=1.0, top_k=0, beta=spec["beta"],
-        epsilon=spec["eps_low"], epsilon_high=spec["eps_high"], loss_type="dapo", scale_rewards="group",
-        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=spec["steps"], logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-        shuffle_dataset=False, dataloader_num_workers=0, seed=spec["seed"])
-    clock = StepClock()
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=even_words, args=args, processing_class=tok,
-                              train_dataset=datasets.Dataset.from_dict({"prompt": spec["prompts"]}),
-                              callbacks=[clock])
-    _emit("init", versions={"trl": trl.__version__, "transformers": transformers.__version__,
-                            "torch": torch.__version__, "python": platform.python_version()})
-    trainer.train()
-    _emit("end", logs=clock.logs)
+from grpo_shared import (ADVANTAGE, EPS, HERE, PROTO, SPARSE_P, TRL_SCRIPT, prompt_texts,  # noqa: E402
+                         word_tokenizer, worker_env)
+from grpo_check import check_objective  # noqa: E402
+from grpo_ours_side import ours_batch, ours_runner  # noqa: E402
+from grpo_report import machine_note, table, write_section  # noqa: E402
 
 
 class TrlProcess:
@@ -160,11 +56,9 @@ class TrlProcess:
         with open(path, "w") as f:
             json.dump(spec, f)
         self.log_path = os.path.join(workdir, f"trl_{self.threads}.log")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--trl-worker", path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env=env)
+        self.proc = subprocess.Popen([python, TRL_SCRIPT, "--trl-worker", path], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=worker_env())
         self.versions = self._expect("init")["versions"]
         self._last = self._expect("ready", "end")
 
@@ -224,7 +118,6 @@ def trl_phases(total: float, blocks: list) -> dict:
     return dict(rollout=rollout, reference=ref, update=total - prepare, other=prepare - rollout - ref)
 
 
-# ---------------------------------------------------------------------- our side (project venv)
 def _rollout_bench():
     spec = importlib.util.spec_from_file_location("rollout_bench", os.path.join(HERE, "rollout.py"))
     module = importlib.util.module_from_spec(spec)
@@ -232,89 +125,6 @@ def _rollout_bench():
     return module
 
 
-def ours_runner(cfg, hf_state: dict, batch: dict, args, *, sparse: bool):
-    """A no-argument callable running one `GRPOLearner.step` (state carried across calls) ->
-    (seconds, metrics + the step's phases: rollout, reference, update (jitted calls, each waited for)
-    and other (host decoding, rewards, transfers))."""
-    import jax
-    import jax.numpy as jnp
-
-    from zipr1_jax.kernels.sparse_attention.config import SparsityConfig
-    from zipr1_jax.models.qwen_vl.loader import from_hf_state_dict
-    from zipr1_jax.rl.rewards import register_reward
-    from zipr1_jax.rl.rollout import SamplingConfig
-    from zipr1_jax.sharding.mesh import make_mesh
-    from zipr1_jax.sharding.rules import DEFAULT_RULES, opt_state_shardings, state_shardings
-    from zipr1_jax.train.learner import GRPOLearner, LearnerConfig
-    from zipr1_jax.train.optim import OptimConfig, make_optimizer
-    from zipr1_jax.train.parallel import Placement
-    from zipr1_jax.train.state import TrainState, split_params
-
-    class TimedPlacement(Placement):  # waits for each jitted call and books its time by function
-        def jit(self, fn, *a, **k):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(super().jit(fn, *a, **k))
-            key = {"_logprobs_only": "reference", "_update_static_kw": "update"}.get(fn.__name__)
-            if key:  # anything else stays in "other"
-                phases[key] += time.perf_counter() - t0
-            return out
-
-    class TimedLearner(GRPOLearner):
-        def rollout(self, *a, **k):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(super().rollout(*a, **k))
-            phases["rollout"] += time.perf_counter() - t0
-            return out
-
-    phases = {}
-    register_reward(REWARD_NAME, override=True)(
-        lambda inputs: np.array([even_word_reward(r) for r in inputs.responses], np.float32))
-    V = cfg.text.vocab_size
-    lcfg = LearnerConfig(
-        group_size=args.group, sampling=SamplingConfig(max_new_tokens=args.new, eos_ids=(V,), pad_id=cfg.pad_token_id,
-                                                       temperature=1.0),
-        sparsity=SparsityConfig(enabled=sparse, p=SPARSE_P), p_grid=(SPARSE_P,), budget="single", beta=args.beta,
-        eps_low=0.2, eps_high=0.28, mu=1, advantage="grpo", aggregation="token", lambda_eff=0.0, gate=False,
-        extra_rewards=((REWARD_NAME, 1.0),))
-    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    pl = TimedPlacement(mesh, DEFAULT_RULES)
-    graphdef, params = split_params(from_hf_state_dict(cfg, hf_state))
-    p_sh = state_shardings(params, mesh)
-    params = jax.device_put(params, p_sh)
-    tx = make_optimizer(OptimConfig(lr=args.lr, total_steps=1000, schedule="constant", grad_clip=1.0))
-    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), p_sh)
-    sh = TrainState(step=pl.replicated, params=p_sh, opt_state=opt_sh)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), pl.replicated), params=params,
-                       opt_state=jax.jit(tx.init, out_shardings=sh.opt_state)(params))
-    ref_params = jax.tree.map(lambda x: x.copy(), params)
-    learner = TimedLearner(lcfg, graphdef, tx, word_tokenizer(V, cfg.pad_token_id), pl, state_shardings=sh)
-    box = {"state": state, "i": 0}
-
-    def run():
-        phases.update(rollout=0.0, reference=0.0, update=0.0)
-        t0 = time.perf_counter()
-        box["state"], metrics, _ = learner.step(box["state"], ref_params, batch, jax.random.key(args.seed + box["i"]),
-                                                step=box["i"])
-        total = time.perf_counter() - t0
-        box["i"] += 1
-        return total, dict(metrics, phases=dict(phases, other=total - sum(phases.values())))
-    return run
-
-
-def ours_batch(cfg, ids_BL: np.ndarray, mask_BL: np.ndarray, group: int) -> dict:
-    """The prompt batch as the RL loader gives it: each prompt repeated G times in contiguous rows,
-    M-RoPE ids from the loader's `get_rope_index`, and (unmatchable) answers for the accuracy reward."""
-    from zipr1_jax.models.qwen_vl.rope import get_rope_index
-
-    ids_RL, mask_RL = np.repeat(ids_BL, group, axis=0), np.repeat(mask_BL, group, axis=0)
-    pos_3RL, deltas_R = get_rope_index(cfg, ids_RL, mask_RL)
-    R = ids_RL.shape[0]
-    return dict(input_ids=ids_RL.astype(np.int32), attention_mask=mask_RL.astype(np.int32),
-                position_ids=np.asarray(pos_3RL, np.int32), rope_deltas=np.asarray(deltas_R, np.int32),
-                answer=["<none>"] * R, answer_type=["exact"] * R, choices=[None] * R)
-
-
-# ---------------------------------------------------------------------- driver
 def time_interleaved(sides: dict, *, warmup: int, repeats: int) -> dict:
     """First step of every side (reported apart), `warmup - 1` more untimed steps, then `repeats`
     rounds of one step per side in turn. A side is a callable -> (seconds, dict with "phases": seconds
@@ -335,7 +145,7 @@ def time_interleaved(sides: dict, *, warmup: int, repeats: int) -> dict:
             res[name]["phases"].append(out["phases"])
             res[name]["out"] = out
     for r in res.values():
-        times, phases = r.pop("times"), r.pop("phases")
+        times, phases = r["times"], r.pop("phases")
         r.update(steady_s=statistics.median(times), min_s=min(times), max_s=max(times),
                  phases={k: statistics.median(p[k] for p in phases) for k in phases[0]})
     return res
@@ -379,7 +189,7 @@ def run_bench(args) -> dict:
     sides = {"zipr1_jax dense": ours_runner(cfg, hf_state, batch, args, sparse=False)}
     if args.sparse:
         sides[f"zipr1_jax sparse p={SPARSE_P}"] = ours_runner(cfg, hf_state, batch, args, sparse=True)
-    workers = {}
+    workers, check = {}, None
     with tempfile.TemporaryDirectory(prefix="grpo_bench_") as work:
         try:
             if not args.no_trl:
@@ -387,8 +197,12 @@ def run_bench(args) -> dict:
                 model_dir = os.path.join(work, "model")
                 hf.save_pretrained(model_dir)
                 spec = dict(model_dir=model_dir, prompts=texts, prompt_ids=prompt_ids, vocab=V, pad_id=cfg.pad_token_id,
-                            group=args.group, new=args.new, beta=args.beta, eps_low=0.2, eps_high=0.28, lr=args.lr,
-                            seed=args.seed, steps=args.warmup + args.repeats)
+                            group=args.group, new=args.new, beta=args.beta, eps_low=EPS[0], eps_high=EPS[1], lr=args.lr,
+                            seed=args.seed, steps=args.warmup + args.repeats, advantage=ADVANTAGE)
+                if args.check:
+                    print("  checking that both sides compute the same loss and gradient ...", flush=True)
+                    check = check_objective(python, spec, cfg, hf, batch, args, work)
+                    print(f"  objective check: {check}", flush=True)
                 for n in args.threads:
                     print(f"  starting TRL worker ({n} torch threads) ...", flush=True)
                     w = workers[n] = TrlProcess(python, dict(spec, threads=n), work)
@@ -424,95 +238,14 @@ def run_bench(args) -> dict:
         best = min(trl_rows, key=lambda r: r["steady_s"])
         for r in rows:
             if r["side"].startswith("zipr1_jax"):
-                r["ratio"] = r["steady_s"] / best["steady_s"]
+                per_round = [a / b for a, b in zip(res[r["side"]]["times"], res[best["side"]]["times"])]
+                r.update(ratio=statistics.median(per_round), ratio_min=min(per_round), ratio_max=max(per_round))
     versions = dict(jax=jax.__version__, flax=flax.__version__, transformers=transformers.__version__,
                     torch=torch.__version__)
     if workers:
         versions.update({f"trl_venv_{k}": v for k, v in next(iter(workers.values())).versions.items()})
-    return dict(rows=rows, config=cfg, versions=versions, machine=machine_note(load_before, rb.load_average()))
-
-
-# ---------------------------------------------------------------------- report
-def _f(x, fmt):
-    return "n/a" if x is None else format(x, fmt)
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| side | torch threads | first step s | s / step (median) | min - max s | ours / best TRL (time) | "
-             "rollout s | reference s | update s | other s | loss | reward | kl | completion len | token ratio |",
-             "|" + "---|" * 15]
-    for r in rows:
-        ph = " | ".join(f"{r['phases'][k]:.3f}" for k in PHASES)
-        ratio = "-" if r["side"].startswith("TRL") else _f(r.get("ratio"), ".2f")
-        lines.append(f"| {r['side']} | {r['threads']} | {r['first_s']:.2f} | {r['steady_s']:.3f} | "
-                     f"{r['min_s']:.3f} - {r['max_s']:.3f} | {ratio} | {ph} | "
-                     f"{_f(r['loss'], '.4f')} | {_f(r['reward'], '.3f')} | {_f(r['kl'], '.2e')} | "
-                     f"{_f(r['length'], '.0f')} | {_f(r['token_ratio'], '.2f')} |")
-    return "\n".join(lines)
-
-
-def machine_note(load_before: str, load_after: str) -> str:
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other jobs: "
-            f"load average (1/5/15 min) {load_before} before, {load_after} after; float32 on both sides")
-
-
-NOTE = ("Reading: CPU timings of a TINY model (one step here is ~65 GFLOP: sampling, a reference forward and a "
-        "policy forward + backward over B*G rows of prompt + completion), so they mix per-op overhead and matmul "
-        "speed. Phases (medians; a phase of ours is a jitted call waited for; TRL's come from its own profiling "
-        "blocks): rollout = sampling (ours: a compiled prefill and a compiled `lax.while_loop` decode; TRL: "
-        "`model.generate`, a Python loop with one eager forward per token); reference = the frozen model's "
-        "log-probs; update = policy forward, loss, backward, clipping and AdamW (ours: one XLA program; TRL: eager "
-        "torch on oneDNN/MKL kernels); other = host work (decode, rewards, advantages, transfers / TRL's "
-        "tokenising and bookkeeping). The compiled rollout is where ours gains; the update is matmul-bound at "
-        "this size and ours' XLA CPU backward is slower than torch's eager one (compare the update columns), "
-        "which outweighs that gain here: a jax.profiler trace of ours' update puts ~46% of its op time in "
-        "the dots and ~30% in layout copies (transposes fused with elementwise backward ops, e.g. SiLU's, "
-        "that feed the weight-gradient dots). First step: ours includes the jit compiles (the sparse step compiles the "
-        "selection too). Do not read the ratio as an accelerator or real-size number (there TRL would sample "
-        "with vLLM). The sparse row is the ZipR1 step (sparse prefill in the rollout, the same kept sets in the "
-        "learner's forward, handed over from the rollout; its KL is against the dense reference): at 64-token "
-        "prompts the selection costs about what it saves. On a shared 2-core machine torch with 2 threads can "
-        "be far slower than with 1 (OpenMP waits on threads whose core another process took); the ratio uses "
-        "the faster TRL column, and "
-        "the interleaved rounds keep load changes from favouring one side.\n")
-
-
-def _more(n: int) -> str:
-    return f"then {n} more untimed step{'s' if n > 1 else ''}; " if n > 0 else ""
-
-
-def write_section(result: dict, args, path: str | None = None) -> str:
-    cfg, v = result["config"], result["versions"]
-    t = cfg.text
-    cmd = (f"bash benchmarks/setup_trl_env.sh /work/trl_venv && ZIPR1_TRL_PYTHON=/work/trl_venv/bin/python "
-           f"nice -n 10 python benchmarks/grpo_step_vs_trl.py --prompts {args.prompts} --group {args.group} "
-           f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats} --warmup {args.warmup} "
-           f"--threads {','.join(map(str, args.threads))} --write-md")
-    trl_v = (f"TRL venv: trl {v.get('trl_venv_trl')}, transformers {v.get('trl_venv_transformers')}, torch "
-             f"{v.get('trl_venv_torch')}; " if "trl_venv_trl" in v else "TRL not run; ")
-    body = (f"{SECTION}\n\n"
-            f"Command: `{cmd}` (run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {result['machine']}). "
-            f"Versions: {trl_v}project venv: jax {v['jax']}, flax {v['flax']}, transformers {v['transformers']}, "
-            f"torch {v['torch']} (torch only builds the shared model).\n"
-            f"Model: random Qwen2-VL built with transformers' `Qwen2VLConfig` as in the rollout section (hidden "
-            f"{t.hidden_size}, {t.num_hidden_layers} layers, {t.num_attention_heads} heads / "
-            f"{t.num_key_value_heads} KV heads, MLP {t.intermediate_size}, vocab {t.vocab_size}); TRL loads it "
-            "with `from_pretrained` (sdpa attention), ours imports the same weights with `from_hf_state_dict`. "
-            f"Step: {args.prompts} TEXT prompts (left padded to {args.prompt}, lengths {args.prompt // 2}.."
-            f"{args.prompt}, identical token ids on both sides) x G = {args.group} sampled completions of exactly "
-            f"{args.new} tokens (temperature 1, stop id outside the vocabulary), reward = fraction of even token "
-            f"words (same function on both sides), group-normalised advantages, beta = {args.beta} (reference "
-            "forward on both sides), eps 0.2 / 0.28, token-level loss (ours `aggregation=token`, TRL "
-            "`loss_type=dapo`), one AdamW step (mu = 1, lr constant, clip 1.0), fp32. Ours: `GRPOLearner.step` "
-            "(rollout, host decode + rewards, reference log-probs, update), timed in-process. TRL: "
-            "`GRPOTrainer.train` in a subprocess of the TRL venv, timed from `on_step_begin` to `on_step_end` "
-            "(generate, rewards, reference and policy forwards, backward, clip, optimizer step). First step = "
-            f"ours' jit compile + one step / TRL's first step; {_more(args.warmup - 1)}then "
-            f"{args.repeats} rounds, one step of every side per round (interleaved), median reported. Text "
-            "prompts only: TRL's VLM path needs a full `Qwen2VLProcessor` with chat template and images, which "
-            "this offline benchmark does not build.\n\n"
-            f"{table(result['rows'])}\n\n{NOTE}")
-    return replace_section(SECTION, body, path)
+    return dict(rows=rows, config=cfg, versions=versions, machine=machine_note(load_before, rb.load_average()),
+                check=check)
 
 
 def parse_args(argv=None):
@@ -534,6 +267,8 @@ def parse_args(argv=None):
     ap.add_argument("--trl-python", default=None, help="python of the TRL venv (else $ZIPR1_TRL_PYTHON)")
     ap.add_argument("--no-trl", action="store_true", help="our side only (no TRL venv needed)")
     ap.add_argument("--no-sparse", dest="sparse", action="store_false", help="skip our sparse step")
+    ap.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the same-objective check (loss and gradient of both sides on one batch) before timing")
     ap.add_argument("--write-md", action="store_true", help="update the section of BENCHMARKS.md in place")
     args = ap.parse_args(argv)
     for name in ("prompts", "prompt", "new", "repeats", "warmup", "layers"):
@@ -566,7 +301,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--trl-worker":
-        trl_worker(sys.argv[2])
-    else:
-        main()
+    main()

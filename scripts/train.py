@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from zipr1_jax.train.distributed import initialize, parse_flags
+from zipr1_jax.sharding.launch import initialize, parse_flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The package's imports flow one way (README "Package map"):
-typing / sharding -> kernels -> models -> data -> checkpoint -> rl -> train -> eval / convert,
+typing / checks / sharding -> kernels -> models -> data -> checkpoint -> rl -> train -> eval / convert,
 and no two modules import each other, even through function-level imports."""
 
 import ast
@@ -8,7 +8,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "zipr1_jax")
 # Lower number = lower layer; a module may import only its own layer or lower ones.
-LAYERS = {"typing": 0, "sharding": 0, "kernels": 1, "models": 2, "data": 3, "checkpoint": 4, "rl": 5, "train": 6,
+LAYERS = {"typing": 0, "checks": 0, "sharding": 0, "kernels": 1, "models": 2, "data": 3, "checkpoint": 4, "rl": 5, "train": 6,
           "eval": 7, "convert": 7}
 
 

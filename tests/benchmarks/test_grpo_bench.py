@@ -1,29 +1,56 @@
-"""Smoke test of benchmarks/grpo_step_vs_trl.py: OUR side (dense and sparse GRPO steps) runs end to
-end at tiny size with finite outputs and full-length completions; the pieces shared with the TRL
-worker (tokenizer, reward) behave; `--write-md` touches only its section. TRL itself is not needed
-(it lives in its own venv). No timing is asserted."""
+"""Smoke test of benchmarks/grpo_step_vs_trl.py and its modules (grpo_shared, grpo_ours_side,
+grpo_check, grpo_report, grpo_trl_side): OUR side (dense and sparse GRPO steps) runs end to end at
+tiny size with finite outputs and full-length completions; the pieces shared with the TRL worker
+(tokenizer, reward) behave and the worker's modules import without jax / zipr1_jax; `--write-md`
+touches only its section. TRL itself is not needed (it lives in its own venv). No timing is
+asserted."""
 
+import importlib
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "grpo_step_vs_trl.py")
+_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+_PATH = os.path.join(_DIR, "grpo_step_vs_trl.py")
 TINY = ["--prompts", "2", "--group", "2", "--prompt", "16", "--new", "4", "--repeats", "1", "--hidden", "64",
         "--layers", "1", "--vocab", "300", "--no-trl"]
 
 
 @pytest.fixture(scope="module")
 def bench():
+    """The driver; loading it puts benchmarks/ on sys.path, so its modules import by name below."""
     spec = importlib.util.spec_from_file_location("grpo_step_vs_trl", _PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _check_rows(bench, result, sides):
+@pytest.fixture(scope="module")
+def shared(bench):
+    return importlib.import_module("grpo_shared")
+
+
+@pytest.fixture(scope="module")
+def report(bench):
+    return importlib.import_module("grpo_report")
+
+
+@pytest.fixture(scope="module")
+def check(bench):
+    return importlib.import_module("grpo_check")
+
+
+@pytest.fixture(scope="module")
+def ours(bench):
+    return importlib.import_module("grpo_ours_side")
+
+
+def _check_rows(report, shared, result, sides):
     rows = {r["side"]: r for r in result["rows"]}
     assert set(rows) == set(sides)
     for name, r in rows.items():
@@ -33,42 +60,50 @@ def _check_rows(bench, result, sides):
         assert r["length"] == 4 and r["finished"] == 0  # the stop id is outside the vocabulary
         assert 0 < r["token_ratio"] <= 1
         assert "ratio" not in r  # no TRL column to compare with
-        assert set(r["phases"]) == set(bench.PHASES) and all(v >= 0 for v in r["phases"].values())
+        assert set(r["phases"]) == set(shared.PHASES) and all(v >= 0 for v in r["phases"].values())
         assert sum(r["phases"].values()) == pytest.approx(r["steady_s"], rel=0.5)  # medians of parts ~ the whole
-    assert "n/a" in bench.table(result["rows"])
+    assert "n/a" in report.table(result["rows"])
     return rows
 
 
-def test_our_dense_step_runs_and_is_finite(bench):
-    rows = _check_rows(bench, bench.main(TINY + ["--no-sparse"]), ["zipr1_jax dense"])
+def test_our_dense_step_runs_and_is_finite(bench, report, shared):
+    rows = _check_rows(report, shared, bench.main(TINY + ["--no-sparse"]), ["zipr1_jax dense"])
     assert rows["zipr1_jax dense"]["token_ratio"] == 1.0
 
 
 @pytest.mark.slow
-def test_our_dense_and_sparse_steps_run_and_are_finite(bench):
-    _check_rows(bench, bench.main(TINY), ["zipr1_jax dense", f"zipr1_jax sparse p={bench.SPARSE_P}"])
+def test_our_dense_and_sparse_steps_run_and_are_finite(bench, report, shared):
+    _check_rows(report, shared, bench.main(TINY), ["zipr1_jax dense", f"zipr1_jax sparse p={shared.SPARSE_P}"])
 
 
-def test_word_tokenizer_round_trips_ids_and_never_emits_eos(bench):
-    tok = bench.word_tokenizer(50, pad_id=49)
+def test_word_tokenizer_round_trips_ids_and_never_emits_eos(shared):
+    tok = shared.word_tokenizer(50, pad_id=49)
     ids = np.array([[49, 49, 3, 17], [5, 0, 48, 2]])
     mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
-    texts = bench.prompt_texts(ids, mask)
+    texts = shared.prompt_texts(ids, mask)
     assert texts == ["w3 w17", "w5 w0 w48 w2"]
     assert tok(texts)["input_ids"] == [[3, 17], [5, 0, 48, 2]]
     assert tok.eos_token_id == 50 and tok.pad_token_id == 49  # eos outside a 50-token model vocabulary
     assert tok.decode([3, 49, 4], skip_special_tokens=True) == "w3 w4"
 
 
-def test_even_word_reward(bench):
-    assert bench.even_word_reward("w2 w3 w10 w7") == 0.5
-    assert bench.even_word_reward("w4") == 1.0
-    assert bench.even_word_reward("") == 0.0 and bench.even_word_reward("<pad> x") == 0.0
+def test_even_word_reward(shared):
+    assert shared.even_word_reward("w2 w3 w10 w7") == 0.5
+    assert shared.even_word_reward("w4") == 1.0
+    assert shared.even_word_reward("") == 0.0 and shared.even_word_reward("<pad> x") == 0.0
 
 
-def test_write_md_replaces_only_its_section(bench, tmp_path):
+def test_trl_side_imports_without_jax_or_zipr1_jax():
+    """The TRL venv has neither: the worker's modules must import with both blocked."""
+    code = ("import sys; sys.modules.update(jax=None, flax=None, zipr1_jax=None); sys.path.insert(0, sys.argv[1]); "
+            "import grpo_trl_side, grpo_shared; assert grpo_shared.TRL_SCRIPT == grpo_trl_side.__file__")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.abspath(_DIR)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_write_md_replaces_only_its_section(bench, report, tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    path.write_text("# t\n\n## Other\n\nkeep me\n\n" + bench.SECTION + "\n\nold table\n\n## Last\n\nkeep too\n")
+    path.write_text("# t\n\n## Other\n\nkeep me\n\n" + report.SECTION + "\n\nold table\n\n## Last\n\nkeep too\n")
     cfg = bench._rollout_bench().bench_config(hidden=64, layers=1, vocab=300)
     phases = dict(rollout=0.05, reference=0.01, update=0.03, other=0.01)
     rows = [dict(side="zipr1_jax dense", threads="jax pool", first_s=9.0, steady_s=0.1, min_s=0.1, max_s=0.2,
@@ -78,13 +113,13 @@ def test_write_md_replaces_only_its_section(bench, tmp_path):
     versions = dict(jax="j", flax="f", transformers="t", torch="p", trl_venv_trl="1.0", trl_venv_transformers="t",
                     trl_venv_torch="p")
     args = bench.parse_args(TINY + ["--threads", "2,1"])
-    bench.write_section(dict(rows=rows, config=cfg, versions=versions, machine="test machine"), args, path=str(path))
+    report.write_section(dict(rows=rows, config=cfg, versions=versions, machine="test machine"), args, path=str(path))
     text = path.read_text()
     assert "old table" not in text and "keep me" in text and "keep too" in text
-    assert text.count(bench.SECTION) == 1 and "| zipr1_jax dense | jax pool | 9.00 | 0.100 |" in text
+    assert text.count(report.SECTION) == 1 and "| zipr1_jax dense | jax pool | 9.00 | 0.100 |" in text
     assert "| 0.25 | 0.050 | 0.010 | 0.030 | 0.010 |" in text and "trl 1.0" in text
     assert "| 0.400 | 0.400 - 0.500 | - |" in text  # TRL rows carry no ours / TRL ratio
-    assert text.index("## Other") < text.index(bench.SECTION) < text.index("## Last")
+    assert text.index("## Other") < text.index(report.SECTION) < text.index("## Last")
 
 
 def test_args_are_checked(bench):
@@ -93,3 +128,53 @@ def test_args_are_checked(bench):
     with pytest.raises(SystemExit, match="threads"):
         bench.parse_args(["--threads", "0"])
     assert bench.parse_args(["--threads", "2,1,2"]).threads == [2, 1]
+
+
+def _objective(grads: dict, loss=1.0, adv=(0.5, -0.5)):
+    return dict(loss=loss, advantages=np.asarray(adv, np.float32), grads=grads)
+
+
+def test_compare_objectives_passes_equal_and_flags_each_gap(check):
+    g = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([[3.0]], np.float32)}
+    assert check.compare_objectives(_objective(g), _objective(g))["grad_rel"] == 0.0
+    with pytest.raises(RuntimeError, match="different objectives"):  # a 1% gap in one tensor
+        check.compare_objectives(_objective({**g, "b": g["b"] * 1.01}), _objective(g))
+    with pytest.raises(RuntimeError, match="different objectives"):  # advantages normalised differently
+        check.compare_objectives(_objective(g, adv=(0.7, -0.7)), _objective(g))
+    with pytest.raises(RuntimeError, match="different objectives"):
+        check.compare_objectives(_objective(g, loss=1.01), _objective(g))
+    with pytest.raises(RuntimeError, match="different tensors"):
+        check.compare_objectives(_objective({"a": g["a"]}), _objective(g))
+    with pytest.raises(RuntimeError, match="all-zero advantages"):
+        check.compare_objectives(_objective(g, adv=(0.0, 0.0)), _objective(g, adv=(0.0, 0.0)))
+
+
+def test_fixed_completions_vary_rewards_within_groups(bench, shared, check):
+    cfg = bench._rollout_bench().bench_config(hidden=64, layers=1, vocab=300)
+    args = bench.parse_args(TINY + ["--group", "3"])
+    comp = check.fixed_completions(cfg, args)
+    assert comp.shape == (2 * 3, 4) and (comp >= 0).all() and (comp < cfg.image_token_id).all()
+    tok = shared.word_tokenizer(300, cfg.pad_token_id)
+    r = np.array([shared.even_word_reward(tok.decode(c)) for c in comp]).reshape(2, 3)
+    assert (r.std(axis=1) > 0).all()
+
+
+def test_ours_objective_on_fixed_completions(bench, ours, check):
+    """Ours' side of the same-objective check: finite loss, advantages = r - group mean, and a
+    gradient for every HF tensor (hub keys and shapes), non-zero in the text model."""
+    rb = bench._rollout_bench()
+    cfg = rb.bench_config(hidden=64, layers=1, vocab=300)
+    args = bench.parse_args(TINY)
+    hf = rb.random_hf_model(cfg, 0)
+    p = rb.prompt_batch(cfg, batch=2, prompt=16, image=False, seed=0)
+    batch = ours.ours_batch(cfg, p["ids"], p["mask"], args.group)
+    comp = check.fixed_completions(cfg, args)
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    ref = {k: v.detach().numpy() for k, v in check.perturbed_copy(hf, 1).state_dict().items()}
+    out = ours.ours_objective(cfg, state, ref, batch, comp, args)
+    assert math.isfinite(out["loss"]) and out["loss"] > 0  # the KL to the perturbed reference
+    np.testing.assert_allclose(out["advantages"].reshape(2, 2).sum(axis=1), 0.0, atol=1e-6)
+    from zipr1_jax.models.qwen_vl.hf_params import canonical_hf_key
+    shapes = {canonical_hf_key(k): v.shape for k, v in state.items()}
+    assert {k: v.shape for k, v in out["grads"].items()} == shapes
+    assert np.abs(out["grads"]["model.layers.0.mlp.up_proj.weight"]).max() > 0

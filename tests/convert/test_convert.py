@@ -335,13 +335,14 @@ def test_trained_checkpoint_generates_like_ours(trained, tmp_path, mesh1):
     from flax import nnx
 
     from zipr1_jax.checkpoint import Checkpointer
-    from zipr1_jax.convert.hf_to_orbax import abstract_params, params_target
+    from zipr1_jax.convert.hf_to_orbax import params_target
+    from zipr1_jax.train.builders import abstract_params
     from zipr1_jax.data import sources
     from zipr1_jax.data.chat import SpecialIds
     from zipr1_jax.data.pipelines import PipelineConfig, eval_loader
     from zipr1_jax.data.tokenizer import load_tokenizer
     from zipr1_jax.rl.rollout import SamplingConfig, generate
-    from zipr1_jax.train.batch import vision_arrays
+    from zipr1_jax.data.model_inputs import vision_arrays
 
     cfg, run_dir, summary = trained
     res = export_hf(run_dir / "checkpoints", tmp_path / "hf", source_hf_dir=run_dir / "tokenizer", mesh=mesh1)
@@ -398,7 +399,8 @@ def test_converted_train_state_starts_the_trainer(tmp_path, mesh1):
     model.hf_dir=A checkpoint.dir=CKPT` resumes from: the first SFT step starts from the converted
     weights (model B), not from model.hf_dir's (model A)."""
     from zipr1_jax.checkpoint import Checkpointer
-    from zipr1_jax.convert.hf_to_orbax import abstract_params, params_target, rl_optimizer_config
+    from zipr1_jax.convert.hf_to_orbax import params_target, rl_optimizer_config
+    from zipr1_jax.train.builders import abstract_params
     from zipr1_jax.train.cli import load_config
     from zipr1_jax.train.trainer import run
 

@@ -29,9 +29,9 @@ from zipr1_jax.kernels.sparse_attention import masked_dense_attention, select_to
 from zipr1_jax.kernels.sparse_attention import variants  # noqa: E402
 from zipr1_jax.models.qwen_vl import config as C  # noqa: E402
 from zipr1_jax.models.qwen_vl.loader import from_hf_state_dict  # noqa: E402
-from zipr1_jax.train.batch import vision_arrays  # noqa: E402
+from zipr1_jax.data.model_inputs import vision_arrays  # noqa: E402
 from zipr1_jax.train.cli import load_config  # noqa: E402
-from zipr1_jax.train.state import sparsity_config, split_params  # noqa: E402
+from zipr1_jax.train.builders import sparsity_config, split_params  # noqa: E402
 
 EOS = (256, 255)  # <|im_end|>, <|endoftext|> of the tiny tokenizer
 PAD = 257

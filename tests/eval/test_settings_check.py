@@ -16,7 +16,7 @@ from zipr1_jax.eval import harness, loading, methods
 from zipr1_jax.models.qwen_vl import config as C
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration
 from zipr1_jax.train.cli import load_config
-from zipr1_jax.train.state import build_model, split_params
+from zipr1_jax.train.builders import build_model, split_params
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 SMALL = ["model.preset=tiny_qwen2_vl", "data.image_size=[56,56]", "data.tasks=null", "data.length_buckets=[128]"]

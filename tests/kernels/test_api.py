@@ -160,6 +160,22 @@ def test_decode_matches_oracle_and_never_reads_past_length(T, kwargs):
     np.testing.assert_allclose(out, decode_oracle(q, k, v, length), atol=FP32_TOL, rtol=0)
 
 
+def test_decode_layer_of_stacked_cache_equals_that_layer():
+    r = np.random.default_rng(7)
+    q = jnp.asarray(r.normal(size=(2, 2, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(3, 2, 16, 2, 8)), jnp.float32) for _ in range(2))
+    length = jnp.asarray([5, 16])
+    for y in range(3):
+        np.testing.assert_array_equal(np.asarray(decode_attention(q, k, v, length, layer=y)),
+                                      np.asarray(decode_attention(q, k[y], v[y], length)))
+    with pytest.raises(ValueError, match="stacked cache"):
+        decode_attention(q, k, v, length, layer=3)
+    with pytest.raises(ValueError, match="stacked cache"):
+        decode_attention(q, k[0], v[0], length, layer=0)
+    with pytest.raises(ValueError, match="static int"):
+        decode_attention(q, k, v, length, layer=jnp.asarray(1))
+
+
 def test_errors_are_clear(monkeypatch):
     q, k, v, keep = case(0)
     idx, count = compact(keep)

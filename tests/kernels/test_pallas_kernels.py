@@ -174,6 +174,21 @@ class _KernelTests:
         ref = oracle(q, kc, vc, q_pos, k_pos, length)
         assert max_err(out, ref) <= BF16_FWD_REL_TOL * float(jnp.max(jnp.abs(ref)))
 
+    @pytest.mark.parametrize("H", [32, 24])  # 24: Triton pads head_dim, so it copies one layer
+    def test_decode_reads_layer_of_stacked_cache(self, H):
+        # layer=y of a stacked [Y, B, S, K, H] cache (indexed in the kernel's block index map, no
+        # slice copy) equals the kernel on cache[y].
+        Y, B, S, N, K, t_new = 3, 2, 150, 4, 2, 2
+        r = np.random.default_rng(13)
+        q = jnp.asarray(r.normal(size=(B, t_new, N, H)), jnp.float32)
+        kc = jnp.asarray(r.normal(size=(Y, B, S, K, H)), jnp.float32)
+        vc = jnp.asarray(r.normal(size=(Y, B, S, K, H)), jnp.float32)
+        length = jnp.asarray([40, S], jnp.int32)
+        for y in (0, Y - 1):
+            got = type(self).decode(q, kc, vc, length, layer=y, interpret=self.INTERPRET)
+            want = type(self).decode(q, kc[y], vc[y], length, interpret=self.INTERPRET)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
     # ---- validation --------------------------------------------------------------------------
     def test_bad_inputs_raise(self):
         q, k, v, qp, kp, kc = make_inputs(0, B=1, L=4, T=8, N=3, K=2, H=16, counts=[8])

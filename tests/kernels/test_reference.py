@@ -124,3 +124,48 @@ def test_bad_shapes_raise():
         attend_compact_reference(q, kc, vc, q_pos, idx, count[None])
     with pytest.raises(ValueError, match="q_pos_BL"):
         attend_compact_reference(q, kc, vc, q_pos.astype(np.float32), idx, count)
+
+
+# ---------------------------------------------------------------------- the shared attention core
+def _core_case(dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(ks[0], (1, 3, 4, 8)).astype(dtype)
+    k = jax.random.normal(ks[1], (1, 5, 2, 8)).astype(dtype)
+    v = jax.random.normal(ks[2], (1, 5, 2, 8)).astype(dtype)
+    mask = jnp.ones((1, 3, 5), bool).at[0, 1].set(False)  # query 1 sees no key
+    return q, k, v, mask
+
+
+def test_softmax_attention_empty_rows():
+    from zipr1_jax.kernels.sparse_attention.reference import softmax_attention
+
+    q, k, v, mask = _core_case()
+    zero = softmax_attention(q, k, v, mask, empty_rows="zero")
+    uniform = softmax_attention(q, k, v, mask, empty_rows="uniform")
+    assert np.all(np.asarray(zero[0, 1]) == 0.0)
+    # uniform: query head n averages all values of its kv head n // 2
+    want = np.repeat(np.asarray(v[0]).mean(axis=0), 2, axis=0)
+    np.testing.assert_allclose(np.asarray(uniform[0, 1]), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(zero[0, [0, 2]]), np.asarray(uniform[0, [0, 2]]), rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda q: jnp.sum(softmax_attention(q, k, v, mask) ** 2))(q)
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g[0, 1]) == 0.0)
+    with pytest.raises(ValueError, match="empty_rows"):
+        softmax_attention(q, k, v, mask, empty_rows="nan")
+    with pytest.raises(ValueError, match="multiple of 3 kv heads"):
+        softmax_attention(q, jnp.zeros((1, 5, 3, 8)), jnp.zeros((1, 5, 3, 8)), mask)
+
+
+def test_model_attention_is_the_core_with_model_numerics():
+    """The dense model layers use the core with bf16 probabilities (Hugging Face's eager rule);
+    the float32 reference mode differs from it there, and not in float32."""
+    from zipr1_jax.kernels.sparse_attention.reference import softmax_attention
+    from zipr1_jax.models.qwen_vl.text import dense_attention
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v, mask = _core_case(dtype)
+        model = dense_attention(q, k, v, mask)
+        core = softmax_attention(q, k, v, mask, empty_rows="uniform", float32=False)
+        assert model.dtype == dtype and np.asarray(model).tobytes() == np.asarray(core).tobytes()
+        precise = softmax_attention(q, k, v, mask, empty_rows="uniform", float32=True)
+        gap = float(jnp.max(jnp.abs(precise.astype(jnp.float32) - model.astype(jnp.float32))))
+        assert (gap < 1e-6) if dtype == jnp.float32 else (gap > 1e-4)

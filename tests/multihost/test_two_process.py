@@ -2,7 +2,8 @@
 virtual CPU devices (gloo collectives, coordinator on localhost) gives the same losses as 1 process
 x 8 devices with the same (data=2, fsdp=2, tensor=2) mesh, writes logs / plots only on process 0,
 and its checkpoint restores in a single process. Plus fast checks of the pieces
-(zipr1_jax/train/distributed.py): flags, the per-process data rows, the batch merge.
+(zipr1_jax/sharding/launch.py, zipr1_jax/data/process_rows.py): flags, the per-process data rows,
+the batch merge.
 
 Tolerance of the comparison (float32): both runs execute the same partitioned program; only the
 all-reduces that cross processes (gloo) add partial sums in another order than in-process CPU
@@ -22,7 +23,8 @@ import sys
 import numpy as np
 import pytest
 
-from zipr1_jax.train import distributed as dist
+from zipr1_jax.data import process_rows
+from zipr1_jax.sharding import launch as dist
 
 from tests.train.tiny_run import MESH_222
 from tests.train.tiny_run import TINY as TINY_RUN
@@ -80,12 +82,12 @@ def test_process_rows_make_the_single_process_batches(count):
         return iter(ds.repeat(None).batch(size, drop_remainder=True, batch_fn=list))
 
     single = batches(grain.MapDataset.source(source).shuffle(seed=seed), B)
-    views = [dist.ProcessRows(source, global_batch=B, index=i, count=count, seed=seed) for i in range(count)]
+    views = [process_rows.ProcessRows(source, global_batch=B, index=i, count=count, seed=seed) for i in range(count)]
     local = [batches(grain.MapDataset.source(v), B // count) for v in views]
     for _ in range(8):  # 32 examples: more than 3 epochs
         assert [x for it in local for x in next(it)] == next(single)
     with pytest.raises(dist.DistributedError, match="multiple of the process count"):
-        dist.ProcessRows(source, global_batch=3, index=0, count=2, seed=seed)
+        process_rows.ProcessRows(source, global_batch=3, index=0, count=2, seed=seed)
 
 
 def _examples(lengths, image_token_id, width=6):
@@ -109,7 +111,7 @@ def test_merge_batches_equals_one_collate(side):
     from zipr1_jax.data.batching import collate
     from zipr1_jax.models.qwen_vl import config
     from zipr1_jax.models.qwen_vl.rope import get_rope_index
-    from zipr1_jax.train.batch import vision_arrays
+    from zipr1_jax.data.model_inputs import vision_arrays
 
     mc = config.tiny_qwen2_vl()
     rope = partial(get_rope_index, mc)
@@ -118,7 +120,7 @@ def test_merge_batches_equals_one_collate(side):
     make = partial(collate, length_buckets=(16, 32), pad_id=0, padding_side=side, group_size=2, rope_fn=rope_fn)
     ex = _examples([10, 12, 20, 9], mc.image_token_id)
     whole = make(ex)
-    merged = dist.merge_batches([make(ex[:2]), make(ex[2:])], padding_side=side, pad_id=0)  # buckets 16 and 32
+    merged = process_rows.merge_batches([make(ex[:2]), make(ex[2:])], padding_side=side, pad_id=0)  # buckets 16 and 32
     assert set(merged) == set(whole)
     for key, want in whole.items():
         if key in ("pixel_values", "pixel_mask"):

@@ -9,8 +9,8 @@ from flax import nnx
 
 from zipr1_jax.models.qwen_vl import config as C
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration
-from zipr1_jax.rl.rollout import (RolloutError, SamplingConfig, filter_logits, generate, sample_logits,
-                                  token_logprobs)
+from zipr1_jax.rl.losses import token_logprobs_from_logits as token_logprobs
+from zipr1_jax.rl.rollout import RolloutError, SamplingConfig, filter_logits, generate, sample_logits
 
 TOL = 1e-4  # end-to-end fp32 tolerance (log-probs: cached decode vs full forward)
 T_NEW = 7
@@ -297,8 +297,8 @@ def test_generate_traced_in_a_callers_jit(tiny):
 def test_learner_uses_the_rollouts_kept_sets(tiny):
     """The learner's log-probs come from the kept sets it is handed: the rollout's give the
     sampler's log-probs; other sets (every key) give other log-probs, so the sets are really used."""
-    from zipr1_jax.train.batch import response_positions
-    from zipr1_jax.train.learner import _sequence_logprobs
+    from zipr1_jax.data.model_inputs import response_positions
+    from zipr1_jax.rl.learner import _sequence_logprobs
 
     _, m = tiny
     ids, mask = _prompts(seed=4, lengths=(40, 33, 37))

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from zipr1_jax.models.qwen_vl import QwenVLForConditionalGeneration
 from zipr1_jax.models.qwen_vl.config import tiny_qwen2_vl
-from zipr1_jax.sharding import (DEFAULT_RULES, ROLLOUT_RULES, abstract_with_shardings, make_mesh, opt_state_shardings,
+from zipr1_jax.sharding import (DEFAULT_RULES, abstract_with_shardings, batch_axes_of, make_mesh, opt_state_shardings,
                                 per_device_bytes, shard_batch, state_shardings, use_mesh)
 from zipr1_jax.sharding.rules import logical_axes_of, norm_path
 
@@ -69,7 +69,6 @@ def test_rules_cover_every_logical_axis_of_the_model():
              for a in (logical_axes_of(v) or ()) if a is not None}
     assert names, "the model's params carry no logical axes"
     assert names <= set(dict(DEFAULT_RULES)), f"axes without a rule: {names - set(dict(DEFAULT_RULES))}"
-    assert set(dict(ROLLOUT_RULES)) == set(dict(DEFAULT_RULES))
 
 
 def test_param_specs_follow_rules():
@@ -81,8 +80,10 @@ def test_param_specs_follow_rules():
     # intermediate_size 131 and vocab 263 are prime: tensor is dropped, fsdp kept where it divides.
     assert spec("layers", 0, "mlp", "gate_proj", "kernel") == P("fsdp")
     assert spec("embed_tokens", "embedding") == P(None, "fsdp")
-    rollout = state_shardings(_abstract_params(), mesh, ROLLOUT_RULES)
-    assert _get(rollout, ("layers", 0, "self_attn", "q_proj", "kernel")).spec == P(None, "tensor")
+    # Another rules table (embed not on fsdp) changes the specs: the table, not the model, decides.
+    tensor_only = tuple((n, None if n == "embed" else t) for n, t in DEFAULT_RULES)
+    other = state_shardings(_abstract_params(), mesh, tensor_only)
+    assert _get(other, ("layers", 0, "self_attn", "q_proj", "kernel")).spec == P(None, "tensor")
 
 
 @pytest.mark.parametrize("vocab, expected", [(300, P("tensor", "fsdp")), (301, P(None, "fsdp"))])
@@ -162,6 +163,19 @@ def test_frozen_vision_has_no_moments_and_rest_follows(model_and_params):
 
 
 # ------------------------------------------------------------------ batches
+def test_batch_axes_come_from_the_rules_table():
+    from zipr1_jax.sharding.placement import Placement
+
+    assert batch_axes_of(DEFAULT_RULES) == ("data", "fsdp")
+    data_only = tuple((n, "data" if n == "batch" else t) for n, t in DEFAULT_RULES)
+    assert batch_axes_of(data_only) == ("data",)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    ids = np.arange(8 * 3).reshape(8, 3)
+    assert Placement(mesh, DEFAULT_RULES).put_rows({"ids": ids})["ids"].sharding.spec == P(("data", "fsdp"))
+    placed = Placement(mesh, data_only).put_rows({"ids": ids})["ids"]
+    assert placed.sharding.spec == P("data") and np.array_equal(np.asarray(placed), ids)
+
+
 def test_shard_batch():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     ids = np.arange(24, dtype=np.int32).reshape(8, 3)

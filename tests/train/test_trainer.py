@@ -102,14 +102,11 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices: see tests/conftest.py")
 def test_sharded_run_matches_single_device(full_run, tmp_path):
     out, _ = full_run
-    from flax import nnx
-
     from zipr1_jax.checkpoint import restore_params
     from zipr1_jax.models.qwen_vl.config import tiny_qwen2_vl
-    from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration
     from zipr1_jax.sharding.mesh import make_mesh
     from zipr1_jax.sharding.rules import abstract_with_shardings, per_device_bytes, state_shardings
-    from zipr1_jax.train.state import split_params
+    from zipr1_jax.train.builders import abstract_params
 
     run(_cfg(tmp_path, *MESH_222))
     # Losses of every step (SFT and GRPO). Tolerance: fp32 reductions are split over 8 devices in
@@ -121,8 +118,7 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
                 np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-4, atol=1e-6,
                                            err_msg=f"{phase} step {step} {key}")
     # Parameters after the first optimizer step, restored on one device from both runs.
-    abstract = split_params(nnx.eval_shape(lambda: QwenVLForConditionalGeneration(tiny_qwen2_vl(),
-                                                                                  rngs=nnx.Rngs(0))))[1]
+    abstract = abstract_params(tiny_qwen2_vl())[1]
     one = make_mesh(1, 1, 1, devices=ONE)
     target = abstract_with_shardings(abstract, state_shardings(abstract, one))
     p1 = restore_params(out / "checkpoints" / "1" / "params", target)

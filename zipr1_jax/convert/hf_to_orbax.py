@@ -42,11 +42,14 @@ import numpy as np
 from flax import nnx
 
 from zipr1_jax.checkpoint.orbax import CheckpointError, Checkpointer
-from zipr1_jax.models.qwen_vl.config import QwenVLConfig
+from zipr1_jax.models.qwen_vl.config import DTYPES, QwenVLConfig
+from zipr1_jax.models.qwen_vl.loader import load_hf_checkpoint
+from zipr1_jax.sharding.mesh import make_mesh
+from zipr1_jax.sharding.rules import abstract_with_shardings, opt_state_shardings, state_shardings
+from zipr1_jax.train.optim import OptimConfig, make_optimizer, phase_optim_config
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 CONVERSION_STEP = 0
 
 
@@ -74,23 +77,11 @@ def check_dtype(dtype: str | None, name: str = "dtype", *, optional: bool = Fals
 
 def default_mesh(devices=None) -> jax.sharding.Mesh:
     """FSDP over all (given) devices: parameters split along `embed`, as small per device as possible."""
-    from zipr1_jax.sharding.mesh import make_mesh
-
     return make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)
-
-
-def abstract_params(config: QwenVLConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, params) of the model with ShapeDtypeStruct leaves carrying logical-axis metadata."""
-    from zipr1_jax.models.qwen_vl.loader import abstract_model
-
-    graphdef, params = nnx.split(abstract_model(config), nnx.Param)
-    return graphdef, params
 
 
 def params_target(params: Any, mesh: jax.sharding.Mesh) -> Any:
     """Restore target: ShapeDtypeStructs with the mesh's shardings (DEFAULT_RULES)."""
-    from zipr1_jax.sharding.rules import abstract_with_shardings, state_shardings
-
     return abstract_with_shardings(params, state_shardings(params, mesh))
 
 
@@ -186,8 +177,6 @@ def _on_host():
 
 def _place(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """Put each host tensor on the mesh leaf by leaf (a device receives only its own shard)."""
-    from zipr1_jax.sharding.rules import state_shardings
-
     shardings = state_shardings(params, mesh)
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
 
@@ -210,8 +199,6 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     Returns:
       ImportResult(out_dir, step=0, config, num_params, with_optimizer, mesh_shape).
     """
-    from zipr1_jax.models.qwen_vl.loader import load_hf_checkpoint
-
     check_dtype(dtype)
     check_dtype(compute_dtype, "compute_dtype", optional=True)
     hf_dir = os.path.abspath(os.fspath(hf_dir))
@@ -254,16 +241,11 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 def rl_optimizer_config(cfg) -> Any:
     """The OptimConfig a trainer run of `cfg` (a TrainConfig) restores a phase-"init" checkpoint
     with: its RL optimizer."""
-    from zipr1_jax.train.optim import phase_optim_config
-
     return phase_optim_config(cfg, "rl")
 
 
 def _fresh_opt_state(optimizer, params: nnx.State, mesh: jax.sharding.Mesh):
     """The optimizer's initial state, built directly in the shardings the trainer uses."""
-    from zipr1_jax.sharding.rules import opt_state_shardings, state_shardings
-    from zipr1_jax.train.optim import OptimConfig, make_optimizer
-
     if not isinstance(optimizer, OptimConfig):
         raise ConversionError(f"optimizer must be a zipr1_jax.train.optim.OptimConfig, got {type(optimizer).__name__}")
     tx = make_optimizer(optimizer, params)

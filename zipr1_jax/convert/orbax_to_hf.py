@@ -40,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipr1_jax.checkpoint.orbax import CheckpointError, Checkpointer
-from zipr1_jax.convert.hf_to_orbax import (ConversionError, abstract_params, check_dtype, check_output_dir,
+from zipr1_jax.convert.hf_to_orbax import (ConversionError, check_dtype, check_output_dir,
                                            default_mesh, params_target, staged_output)
 from zipr1_jax.models.qwen_vl import hf_params
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.sharding.rules import norm_path
+from zipr1_jax.train.builders import abstract_params
+from zipr1_jax.train.config import ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,6 @@ def resolve_model_config(meta: dict, model_config: QwenVLConfig | None = None,
         return QwenVLConfig.from_hf_config(meta["hf_config"]), "the checkpoint's hf_config"
     section = (meta.get("config") or {}).get("model")
     if isinstance(section, dict):
-        from zipr1_jax.train.config import ModelSection
-
         model = ModelSection(**section)
         hf_dir = model.hf_dir
         if hf_dir is None:

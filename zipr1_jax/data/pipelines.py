@@ -44,6 +44,7 @@ import numpy as np
 
 from zipr1_jax.data import batching, chat
 from zipr1_jax.data.sources import load_image
+from zipr1_jax.data.vision import process_image, process_video
 from zipr1_jax.models.qwen_vl.rope import get_rope_index
 
 
@@ -117,15 +118,11 @@ def _with_settings(fn, cfg: PipelineConfig):
 
 def default_image_processor(cfg: PipelineConfig) -> ImageProcessor:
     """`zipr1_jax.data.vision.process_image` with the config's settings (only the kwargs it takes)."""
-    from zipr1_jax.data.vision import process_image
-
     return _with_settings(process_image, cfg)
 
 
 def default_video_processor(cfg: PipelineConfig) -> ImageProcessor:
     """`zipr1_jax.data.vision.process_video` (frames uint8 [T, H, W, 3]) with the config's settings."""
-    from zipr1_jax.data.vision import process_video
-
     return _with_settings(process_video, cfg)
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from zipr1_jax.data.tasks import BuiltinTaskSource
+
 ANSWER_TYPES = ("exact", "choice", "number")
 
 
@@ -325,8 +327,6 @@ class BuiltinSource:
     """
 
     def __init__(self, num_examples: int, **kwargs):
-        from zipr1_jax.data.tasks import BuiltinTaskSource
-
         if num_examples <= 0:
             raise DataSourceError(f"num_examples must be > 0, got {num_examples}")
         self._src = BuiltinTaskSource(num_examples, **kwargs)

@@ -26,7 +26,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from zipr1_jax.eval.harness import HarnessConfig, SettingResult, evaluate
+from zipr1_jax.eval.loading import eval_set, load_model, load_tokenizer_for
+from zipr1_jax.eval.pictures import plot_layer_ratios, plot_tradeoff
+from zipr1_jax.kernels.sparse_attention.selection import always_kept
+from zipr1_jax.train.builders import sparsity_config
 from zipr1_jax.train.config import TrainConfig
+from zipr1_jax.train.trainer import run
 
 ARMS: dict[str, dict[str, float | None]] = {
     "no_efficiency": {"lambda_eff": 0.0, "lambda_path": 0.0},
@@ -62,9 +68,6 @@ def ratio_floor(n_valid: int, cfg: TrainConfig) -> float:
     """Fraction of an n-token prompt kept whatever the scores: the first token + the probe window."""
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from zipr1_jax.kernels.sparse_attention.selection import always_kept  # noqa: PLC0415
-    from zipr1_jax.train.state import sparsity_config  # noqa: PLC0415
-
     kept = always_kept(jnp.ones((1, n_valid), bool), sparsity_config(cfg.sparsity).selection)
     return float(kept.sum()) / n_valid
 
@@ -73,11 +76,6 @@ def run_controls(cfg: TrainConfig, *, out_dir: str, seeds: Sequence[int] = (0, 1
                  arms: Sequence[str] = tuple(ARMS), p_grid: Sequence[float] = DEFAULT_P_GRID,
                  eval_examples: int = 512, eval_batch: int = 64) -> dict:
     """Run (or resume) the whole comparison; returns the report dict (also controls.json)."""
-    from zipr1_jax.eval.harness import HarnessConfig, evaluate  # noqa: PLC0415
-    from zipr1_jax.eval.loading import eval_set, load_model, load_tokenizer_for  # noqa: PLC0415
-    from zipr1_jax.train.state import sparsity_config  # noqa: PLC0415
-    from zipr1_jax.train.trainer import run  # noqa: PLC0415
-
     if cfg.data.source != "builtin":
         raise ValueError("run_controls evaluates on the built-in tasks' held-out split: data.source must be builtin")
     os.makedirs(out_dir, exist_ok=True)
@@ -122,9 +120,6 @@ def run_controls(cfg: TrainConfig, *, out_dir: str, seeds: Sequence[int] = (0, 1
 def write_report(cfg: TrainConfig, *, out_dir: str, seeds: Sequence[int] = (0, 1),
                  arms: Sequence[str] = tuple(ARMS)) -> dict:
     """(Re)write controls.md / controls.json / curve.png / layers.png from the evaluated results."""
-    from zipr1_jax.eval.harness import SettingResult  # noqa: PLC0415
-    from zipr1_jax.eval.pictures import plot_layer_ratios, plot_tradeoff  # noqa: PLC0415
-
     with open(os.path.join(out_dir, "controls.json")) as f:
         saved = json.load(f)
     results = [SettingResult.from_dict(r) for r in saved["results"]]

@@ -14,8 +14,9 @@ pruning (and dense, for the ratio).
 Timing: the first batch of each (set, setting) runs once untimed first (`warmup`: the compile);
 then generate is timed per batch with `block_until_ready`. Prefill time comes from a separately
 jitted prefill of the same batch (`measure_prefill`, one extra compile per setting kind); decode
-time = generate time - prefill time. Batch keys follow `evaluate_greedy` (fold_in(key(seed), i)),
-so dense / top-p results equal the trainer's eval.
+time = generate time - prefill time. The loop itself (batch keys fold_in(key(seed), i), decoding,
+verification) is the trainer's (`train.greedy_eval.decode_batches`), so dense / top-p results equal
+the trainer's eval.
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zipr1_jax.data.verifiers import verify
 from zipr1_jax.eval.methods import Setting, TopPRule, bind, check_settings
 from zipr1_jax.kernels.sparse_attention import SparsityConfig
-from zipr1_jax.rl.rollout import SamplingConfig, generate
-from zipr1_jax.train.batch import vision_arrays
+from zipr1_jax.rl.rollout import SamplingConfig, rollout_keys
+from zipr1_jax.train.greedy_eval import batch_key, decode_batches, model_inputs, run_generate
+from zipr1_jax.train.metrics import PROGRESS
 
-PROGRESS = ("tqdm", "line", "none")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,7 +141,7 @@ def _prefill_impl(graphdef, state, ids, mask, pos, deltas, p_B, rng, pixel_value
     vision = dict(pixel_values=pixel_values, image_grid_thw=None if image_grid is None else np.asarray(image_grid),
                   pixel_values_videos=pixel_values_videos,
                   video_grid_thw=None if video_grid is None else np.asarray(video_grid))
-    rng_select, _ = jax.random.split(rng)  # the key the rollout's prefill uses
+    rng_select, _ = rollout_keys(rng)  # the key the rollout's prefill uses
     if p_B is None:
         return model.prefill(ids, capacity=capacity, attention_mask_BL=mask, position_ids_3BL=pos,
                              rope_deltas_B=deltas, **vision)[:2]
@@ -151,29 +151,6 @@ def _prefill_impl(graphdef, state, ids, mask, pos, deltas, p_B, rng, pixel_value
 
 
 _prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid", "video_grid", "capacity", "sparsity"))
-
-
-def _inputs(model, batch: dict) -> dict:
-    """Host-side model inputs of a loader batch (position ids computed when the loader had none)."""
-    arrays, grids = vision_arrays(batch)
-    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
-    pos, deltas = batch.get("position_ids"), batch.get("rope_deltas")
-    if pos is None or deltas is None:
-        as_np = lambda g: None if g is None else np.asarray(g)  # noqa: E731
-        pos, deltas = model.position_ids(ids, mask, as_np(grids["image_grid"]), as_np(grids["video_grid"]),
-                                         batch.get("second_per_grid_ts"))
-    return dict(ids=ids, mask=mask, pos=np.asarray(pos, np.int32), deltas=np.asarray(deltas, np.int32),
-                pixel_values=arrays.get("pixel_values"), pixel_values_videos=arrays.get("pixel_values_videos"),
-                image_grid=grids["image_grid"], video_grid=grids["video_grid"])
-
-
-def _run_generate(model, x: dict, key, p_B, config: HarnessConfig, sparsity):
-    grid = lambda g: None if g is None else np.asarray(g)  # noqa: E731
-    out = generate(model, x["ids"], x["mask"], key, config=config.sampling, p_B=p_B, position_ids_3BL=x["pos"],
-                   rope_deltas_B=x["deltas"], pixel_values=x["pixel_values"], image_grid_thw=grid(x["image_grid"]),
-                   pixel_values_videos=x["pixel_values_videos"], video_grid_thw=grid(x["video_grid"]),
-                   sparsity=sparsity)
-    return jax.block_until_ready(out)
 
 
 def _run_prefill(model, x: dict, key, p_B, config: HarnessConfig, sparsity):
@@ -213,62 +190,65 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------- evaluation
+class _Timer:
+    """The `run` hook of `decode_batches`: generate timed per batch (the first batch's compile run
+    apart when warming up), plus a separately jitted prefill of the same batch."""
+
+    def __init__(self, config: HarnessConfig, sparsity):
+        self.config, self.sparsity = config, sparsity
+        self.total_s, self.prefill_s, self.compile_s = 0.0, 0.0, None
+
+    def __call__(self, model, x: dict, key, p_B):
+        c = self.config
+        if self.compile_s is None and c.warmup:
+            t0 = time.perf_counter()
+            run_generate(model, x, key, p_B, c.sampling, self.sparsity)
+            if c.measure_prefill:
+                _run_prefill(model, x, key, p_B, c, self.sparsity)
+            self.compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = run_generate(model, x, key, p_B, c.sampling, self.sparsity)
+        self.total_s += time.perf_counter() - t0
+        if c.measure_prefill:
+            t0 = time.perf_counter()
+            _run_prefill(model, x, key, p_B, c, self.sparsity)
+            self.prefill_s += time.perf_counter() - t0
+        return out
+
+
 def evaluate_setting(model: nnx.Module, batches: Iterable[dict], tokenizer, setting: Setting, *,
                      config: HarnessConfig, sparsity=None, set_name: str = "set", model_name: str = "model"
                      ) -> SettingResult:
-    """Greedy-evaluate one setting over every valid row of `batches` (an eval loader)."""
-    run_model = bind(model, setting)
-    seed_key = jax.random.key(config.seed)
+    """Greedy-evaluate one setting over every valid row of `batches` (an eval loader) with the
+    shared loop (`decode_batches`), timing each batch's generate and prefill."""
     entry = _kv_entry_bytes(model)
-    correct, responses, ratios, layer_ratios, kv, kv_dense = [], [], [], [], [], []
-    total_s, prefill_s, compile_s, new_tokens = 0.0, 0.0, None, 0
+    correct, responses, ratios, layer_ratios, kv, kv_dense, new_tokens = [], [], [], [], [], [], 0
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = _Progress(config.progress, total, f"{model_name} | {set_name} | {setting.label}")
-    for i, batch in enumerate(batches):
-        x = _inputs(model, batch)
-        R = x["ids"].shape[0]
-        p_B = setting.budget_B(R)
-        key = jax.random.fold_in(seed_key, i)
-        if i == 0 and config.warmup:
-            t0 = time.perf_counter()
-            _run_generate(run_model, x, key, p_B, config, sparsity)
-            if config.measure_prefill:
-                _run_prefill(run_model, x, key, p_B, config, sparsity)
-            compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = _run_generate(run_model, x, key, p_B, config, sparsity)
-        total_s += time.perf_counter() - t0
-        if config.measure_prefill:
-            t0 = time.perf_counter()
-            _run_prefill(run_model, x, key, p_B, config, sparsity)
-            prefill_s += time.perf_counter() - t0
-        tokens, mask = np.asarray(out.tokens_BT), np.asarray(out.mask_BT)
-        valid = np.asarray(batch.get("valid", np.ones(R, bool)), bool)
-        layer_BY = np.asarray(out.layer_ratio_BY, np.float64)
-        n_valid_B = np.asarray(x["mask"] > 0).sum(axis=1)
-        for r in np.flatnonzero(valid):
-            text = tokenizer.decode(tokens[r][mask[r]].tolist(), skip_special_tokens=True)
-            responses.append(text)
-            choices = batch["choices"][r] if "choices" in batch else ()
-            correct.append(bool(verify(text, batch["answer"][r], batch["answer_type"][r], choices=choices)))
-            new_tokens += int(mask[r].sum())
-            kv.append(float(np.rint(layer_BY[r] * n_valid_B[r]).sum()) * entry)
-            kv_dense.append(float(n_valid_B[r] * layer_BY.shape[1]) * entry)
-        ratios.append(np.asarray(out.token_ratio_B, np.float64)[valid])
-        layer_ratios.append(layer_BY[valid])
+    timer = _Timer(config, sparsity)
+    for d in decode_batches(bind(model, setting), batches, tokenizer, sampling=config.sampling,
+                            budget_B=setting.budget_B, seed=config.seed, sparsity=sparsity, run=timer):
+        layer_BY = np.asarray(d.out.layer_ratio_BY, np.float64)
+        n_valid_B = np.asarray(d.inputs["mask"] > 0).sum(axis=1)
+        responses += d.texts
+        correct += d.correct
+        new_tokens += int(np.asarray(d.out.mask_BT)[d.rows].sum())
+        kv += [float(np.rint(layer_BY[r] * n_valid_B[r]).sum()) * entry for r in d.rows]
+        kv_dense += [float(n_valid_B[r] * layer_BY.shape[1]) * entry for r in d.rows]
+        ratios.append(np.asarray(d.out.token_ratio_B, np.float64)[d.rows])
+        layer_ratios.append(layer_BY[d.rows])
         bar.update(accuracy=float(np.mean(correct)) if correct else 0.0,
                    ratio=float(np.concatenate(ratios).mean()) if correct else 1.0)
     if not correct:
         raise ValueError(f"evaluate_setting: set {set_name!r} held no valid example")
-    measured = config.measure_prefill
-    all_ratios = np.concatenate(ratios)
+    measured, all_ratios = config.measure_prefill, np.concatenate(ratios)
     result = SettingResult(
         model=model_name, set=set_name, setting=setting.label, key=setting.key, kind=setting.kind,
-        budget=setting.budget, accuracy=float(np.mean(correct)), token_ratio=float(np.concatenate(ratios).mean()),
-        layer_ratio=np.concatenate(layer_ratios).mean(axis=0).tolist(), num_examples=len(correct), total_s=total_s,
-        prefill_s=prefill_s if measured else None, decode_s=max(total_s - prefill_s, 0.0) if measured else None,
-        compile_s=compile_s, new_tokens=new_tokens, kv_bytes=float(np.mean(kv)),
-        kv_bytes_dense=float(np.mean(kv_dense)),
+        budget=setting.budget, accuracy=float(np.mean(correct)), token_ratio=float(all_ratios.mean()),
+        layer_ratio=np.concatenate(layer_ratios).mean(axis=0).tolist(), num_examples=len(correct),
+        total_s=timer.total_s, prefill_s=timer.prefill_s if measured else None,
+        decode_s=max(timer.total_s - timer.prefill_s, 0.0) if measured else None, compile_s=timer.compile_s,
+        new_tokens=new_tokens, kv_bytes=float(np.mean(kv)), kv_bytes_dense=float(np.mean(kv_dense)),
         responses=responses, correct=correct,
         token_ratio_se=float(all_ratios.std(ddof=1) / np.sqrt(len(all_ratios))) if len(all_ratios) > 1 else 0.0)
     bar.close(f"{model_name} | {set_name} | {setting.label}: accuracy {result.accuracy:.3f}, token ratio "
@@ -315,7 +295,7 @@ def _kept_impl(graphdef, state, ids, mask, pos, p_B, rng, pixel_values, pixel_va
             return out
         return layer_fn
 
-    rng_select, _ = jax.random.split(rng)
+    rng_select, _ = rollout_keys(rng)
     out = model.sparse_forward(ids, sparsity=sparsity, p_B=p_B, rng=rng_select, attention_mask_BL=mask,
                                position_ids_3BL=pos, keep_fn=recording, pixel_values=pixel_values,
                                image_grid_thw=None if image_grid is None else np.asarray(image_grid),
@@ -333,13 +313,13 @@ def kept_masks(model: nnx.Module, batch: dict, setting: Setting | str, *, sparsi
     used for batch `batch_index` (same seed): (keep_YBL bool, layer_ratio_BY)."""
     setting = check_settings([setting], model.config)[0]
     sparsity = sparsity or getattr(model, "sparsity", None) or SparsityConfig()  # the model's own fallback
-    x = _inputs(model, batch)
+    x = model_inputs(model, batch)
     R = x["ids"].shape[0]
     p_B = setting.budget_B(R)
     p_B = np.ones((R,), np.float32) if p_B is None else p_B
     graphdef, state = nnx.split(model)
     opt = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
-    key = jax.random.fold_in(jax.random.key(seed), batch_index)
+    key = batch_key(seed, batch_index)
     keep, ratio = _kept_jit(graphdef, state, jnp.asarray(x["ids"], jnp.int32), jnp.asarray(x["mask"], jnp.int32),
                             jnp.asarray(x["pos"]), jnp.asarray(p_B), key, opt(x["pixel_values"]),
                             opt(x["pixel_values_videos"]), image_grid=x["image_grid"], video_grid=x["video_grid"],

@@ -25,7 +25,15 @@ from typing import Any
 
 from flax import nnx
 
-from zipr1_jax.checkpoint import CheckpointError
+from zipr1_jax.checkpoint import CheckpointError, Checkpointer, restore_params
+from zipr1_jax.data import sources
+from zipr1_jax.data.pipelines import PipelineConfig, eval_loader
+from zipr1_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from zipr1_jax.kernels.sparse_attention import SparsityConfig
+from zipr1_jax.models.qwen_vl.loader import load_hf_checkpoint
+from zipr1_jax.sharding.rules import abstract_with_shardings, state_shardings
+from zipr1_jax.train.builders import abstract_params, sparsity_config
+from zipr1_jax.train.cli import config_from_dict
 
 KINDS = ("hf", "orbax", "run", "params")
 SET_KINDS = ("builtin", "jsonl", "hf_disk", "tfds")
@@ -51,12 +59,8 @@ class LoadedModel:
 
     def sparsity(self):
         """The run's SparsityConfig (its probes, mode, layers), else the default one."""
-        from zipr1_jax.kernels.sparse_attention import SparsityConfig  # noqa: PLC0415
-
         if self.train_config is None:
             return SparsityConfig()
-        from zipr1_jax.train.state import sparsity_config  # noqa: PLC0415
-
         return dataclasses.replace(sparsity_config(self.train_config.sparsity), enabled=True)
 
 
@@ -112,8 +116,6 @@ def shared_graph(model: nnx.Module) -> nnx.Module:
 
 
 def _train_config(meta: dict, where: str):
-    from zipr1_jax.train.cli import config_from_dict  # noqa: PLC0415
-
     if "config" not in meta:
         raise CheckpointError(f"{where} has no training config in its meta; pass model_config")
     try:
@@ -123,14 +125,9 @@ def _train_config(meta: dict, where: str):
 
 
 def _target(config, mesh):
-    from zipr1_jax.models.qwen_vl.loader import abstract_model  # noqa: PLC0415
-    from zipr1_jax.train.state import split_params  # noqa: PLC0415
-
-    graphdef, abstract = split_params(abstract_model(config))
+    graphdef, abstract = abstract_params(config)
     graphdef = _GRAPHS.setdefault(config, graphdef)
     if mesh is not None:
-        from zipr1_jax.sharding.rules import abstract_with_shardings, state_shardings  # noqa: PLC0415
-
         abstract = abstract_with_shardings(abstract, state_shardings(abstract, mesh))
     return graphdef, abstract
 
@@ -145,8 +142,6 @@ def _tokenizer_of_run(run_dir: str | None, train_config) -> str | None:
 
 
 def _load_orbax(ckpt_dir: str, step: int | None, mesh, run_dir: str | None) -> LoadedModel:
-    from zipr1_jax.checkpoint import Checkpointer  # noqa: PLC0415
-
     if run_dir is None and os.path.basename(os.path.normpath(ckpt_dir)) == "checkpoints":
         run_dir = os.path.dirname(os.path.normpath(ckpt_dir))
     with Checkpointer(ckpt_dir, async_save=False) as ck:
@@ -167,8 +162,6 @@ def _load_orbax(ckpt_dir: str, step: int | None, mesh, run_dir: str | None) -> L
 def _surrounding_meta(path: str) -> tuple[dict, int | None, str] | None:
     """(meta, step, checkpointer dir) around a params-only checkpoint: <ckpt>/<step>/params (that
     step) or <ckpt>/reference (step None; the meta of the latest step). None when neither."""
-    from zipr1_jax.checkpoint import Checkpointer  # noqa: PLC0415
-
     parent = os.path.dirname(os.path.normpath(path))
     if os.path.basename(os.path.normpath(path)) == "params" and _is_step_dir(parent):
         ckpt_dir, step = os.path.dirname(parent), int(os.path.basename(parent))
@@ -198,8 +191,6 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, model_config
     if step is not None and kind not in ("orbax", "run"):
         raise CheckpointError(f"{p} is a {kind} checkpoint: it has no steps, do not pass step={step}")
     if kind == "hf":
-        from zipr1_jax.models.qwen_vl.loader import load_hf_checkpoint  # noqa: PLC0415
-
         config, model = load_hf_checkpoint(p, dtype=dtype, param_dtype=param_dtype)
         model = shared_graph(model)
         has_tok = any(os.path.isfile(os.path.join(p, f)) for f in ("tokenizer.json", "vocab.json"))
@@ -208,8 +199,6 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, model_config
         return _load_orbax(p, step, mesh, None)
     if kind == "run":
         return dataclasses.replace(_load_orbax(os.path.join(p, "checkpoints"), step, mesh, p), kind="run", path=p)
-    from zipr1_jax.checkpoint import restore_params  # noqa: PLC0415
-
     train_config, found_step, run_dir = None, None, None
     if model_config is None:
         found = _surrounding_meta(p)
@@ -231,8 +220,6 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, model_config
 def load_tokenizer_for(loaded: LoadedModel | None = None, override: str | None = None, *,
                        workdir: str | None = None):
     """The tokenizer: `override` (a directory, or "builtin"), else the checkpoint's own."""
-    from zipr1_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: PLC0415
-
     where = override if override is not None else (None if loaded is None else loaded.tokenizer_dir)
     if where is None:
         raise FileNotFoundError(f"no tokenizer known for checkpoint {getattr(loaded, 'path', None)!r}: pass a "
@@ -246,8 +233,6 @@ def load_tokenizer_for(loaded: LoadedModel | None = None, override: str | None =
 def eval_source(spec: str, *, limit: int | None = None, seed: int = 1_000_003, image_size=(56, 56),
                 difficulty: int = 1):
     """(name, random-access source) of an evaluation-set spec (module docstring)."""
-    from zipr1_jax.data import sources  # noqa: PLC0415
-
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"evaluation set spec must be a non-empty string ({SETS_HELP}), got {spec!r}")
     kind, _, rest = spec.partition(":")
@@ -298,8 +283,6 @@ def eval_set(spec: str, tokenizer, model_config, *, batch_size: int = 8, length_
     partial batch filled and marked invalid. Images are resized to `image_size` (static grids).
     `system_prompt`: the system turn of every prompt (use the one the model was trained with; None: no
     system turn; "default": the pipeline's default instruction)."""
-    from zipr1_jax.data.pipelines import PipelineConfig, eval_loader  # noqa: PLC0415
-
     name, src = eval_source(spec, limit=limit, seed=seed, image_size=image_size, difficulty=difficulty)
     size = tuple(int(x) for x in image_size) if image_size is not None else None
     extra = {} if system_prompt == "default" else {"system_prompt": system_prompt}

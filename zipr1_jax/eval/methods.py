@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from zipr1_jax.kernels.sparse_attention.variants import FASTV_QUERIES, select_fastv, select_threshold, select_topk
+from zipr1_jax.models.qwen_vl.sparse import layer_keep
 
 KINDS = ("dense", "topp", "topk", "threshold", "fastv")
 DEFAULT_P = 0.975
@@ -54,8 +55,6 @@ class TopPRule:
     """ZipR1 top-p as a keep rule (identical to the native path; used to record kept masks)."""
 
     def __call__(self, *, input_ids_BL, valid_BL, p_B, select_end, sparsity, model_config):
-        from zipr1_jax.models.qwen_vl.sparse import layer_keep
-
         def layer_fn(y, q_BLNH, k_BLKH, rng):
             if not sparsity.is_sparse_layer(y):
                 return None

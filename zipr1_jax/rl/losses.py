@@ -177,9 +177,10 @@ def pathwise_efficiency_loss(soft_ratio_B: Float[Array, "B"], weight_B: Float[Ar
     return jnp.float32(lambda_path) * jnp.sum(w_B * tau_B) / jnp.float32(max(n, 1))
 
 
-def token_logprobs_from_logits(logits_BTV: Float[Array, "B T V"], tokens_BT: Int[Array, "B T"], *,
-                               temperature: float = 1.0) -> Float[Array, "B T"]:
-    """log softmax(logits / temperature)[token], in float32.
+def token_logprobs_from_logits(logits_BTV: Float[Array, "*B V"], tokens_BT: Int[Array, "*B"], *,
+                               temperature: float = 1.0) -> Float[Array, "*B"]:
+    """log softmax(logits / temperature)[token], in float32, for any leading dims: the learner's
+    [B, T, V] sequences and the sampler's [B, V] steps use this one function.
 
     Computed as ``logit[token] - logsumexp(logits)`` so the [B, T, V] log-softmax is never
     materialised. ``temperature`` must match the rollout's (its log-probs are of the

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx, struct
 
 from zipr1_jax.models.qwen_vl.cache import KVCache
+from zipr1_jax.rl.losses import token_logprobs_from_logits
 from zipr1_jax.typing import Array, Bool, Float, Int
 
 # The hook a sparse-capable model implements. Signature expected by `_prefill`:
@@ -148,14 +149,11 @@ def sample_logits(logits_BV: Float[Array, "B V"], rng: jax.Array, *, temperature
         scaled_BV = logits_BV / temperature
         filtered_BV = filter_logits(scaled_BV, top_k=top_k, top_p=top_p)
         tokens_B = jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
-    logprobs_B = token_logprobs(scaled_BV, tokens_B)
+    logprobs_B = token_logprobs_from_logits(scaled_BV, tokens_B)
     return tokens_B, logprobs_B
 
 
-def token_logprobs(logits_BV: Float[Array, "B V"], tokens_B: Int[Array, "B"]) -> Float[Array, "B"]:
-    """log softmax(logits)[token] per row, in float32."""
-    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+BUDGETS = ("multi", "single")  # a threshold per rollout of a group / one per group
 
 
 def budget_thresholds(p_grid, num_prompts: int, group_size: int, *, budget: str = "multi",
@@ -180,7 +178,7 @@ def budget_thresholds(p_grid, num_prompts: int, group_size: int, *, budget: str 
         if rng is None:
             raise RolloutError("single-budget thresholds are drawn at random: pass rng")
         return np.repeat(grid[rng.integers(0, grid.size, num_prompts)], group_size)
-    raise RolloutError(f"budget must be 'multi' or 'single', got {budget!r}")
+    raise RolloutError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
 
 
 # ---------------------------------------------------------------------- prefill + decode loop
@@ -220,10 +218,19 @@ def _prefill_impl(graphdef, state, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B
     vision = dict(pixel_values=pixel_values, image_grid_thw=None if image_grid is None else np.asarray(image_grid),
                   pixel_values_videos=pixel_values_videos,
                   video_grid_thw=None if video_grid is None else np.asarray(video_grid))
-    rng_select, _ = jax.random.split(rng)
+    rng_select, _ = rollout_keys(rng)
     logits_BV, cache, layer_ratio_BY, keep_BYL = _prefill(model, input_ids_BL, mask_BL, pos_3BL, deltas_B, p_B,
                                                           rng_select, capacity, vision, sparsity)
     return logits_BV, cache, layer_ratio_BY, keep_BYL, jnp.max(cache.length)
+
+
+def rollout_keys(rng) -> tuple[jax.Array, jax.Array]:
+    """(selection key, sampling key) of a rollout's key: the prefill's top-p selection draws its
+    probes from the first (per row: `selection.row_keys`), token sampling from the second. Anyone
+    who recomputes the rollout's kept sets (the learner, the harness's timing and kept-mask
+    pictures) takes the selection key from here."""
+    rng_select, rng_sample = jax.random.split(rng)
+    return rng_select, rng_sample
 
 
 def _resize(cache: KVCache, capacity: int) -> KVCache:
@@ -234,12 +241,13 @@ def _resize(cache: KVCache, capacity: int) -> KVCache:
     return KVCache(k=jnp.pad(cache.k[:, :, :keep], pad), v=jnp.pad(cache.v[:, :, :keep], pad), length=cache.length)
 
 
-def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, config: SamplingConfig):
+def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, config: SamplingConfig,
+                 backend: str | None = None):
     """Sample token 0 from the prefill logits, then the `lax.while_loop` of cached decode steps."""
     model = nnx.merge(graphdef, state)
     B = mask_BL.shape[0]
     T = config.max_new_tokens
-    _, rng_sample = jax.random.split(rng)
+    _, rng_sample = rollout_keys(rng)
     eos_E = jnp.asarray(config.eos_ids, jnp.int32)
     # Position of generated token i: (valid prompt length + i) + rope delta. Tracked here, not read
     # from the cache, because a sparse cache holds fewer entries than the tokens it has seen.
@@ -262,7 +270,7 @@ def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, c
         i, cache, last_B, tokens_BT, logprobs_BT, done_B, mask_BT = carry
         pos_B1 = (n_valid_B + i - 1 + deltas_B)[:, None]
         pos_3B1 = jnp.broadcast_to(pos_B1[None], (3, B, 1))
-        logits_B1V, cache = model.decode_step(last_B[:, None], cache, position_ids_3BT=pos_3B1)
+        logits_B1V, cache = model.decode_step(last_B[:, None], cache, position_ids_3BT=pos_3B1, backend=backend)
         tok_B, lp_B = sample(logits_B1V[:, 0], jax.random.fold_in(rng_sample, i))
         live_B = ~done_B
         tok_B = jnp.where(live_B, tok_B, config.pad_id)
@@ -282,7 +290,7 @@ _prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid",
 # A program of its own: the prompt-sized cache is released before the decode starts, so only the
 # pruned one is alive while decoding.
 _resize_jit = jax.jit(_resize, static_argnames=("capacity",))
-_decode_jit = jax.jit(_decode_impl, static_argnames=("graphdef", "config"))
+_decode_jit = jax.jit(_decode_impl, static_argnames=("graphdef", "config", "backend"))
 
 
 def _static_grid(grid) -> tuple[tuple[int, ...], ...] | None:
@@ -309,7 +317,8 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
         computed on the host from the prompt and grids when omitted.
       pixel_values / image_grid_thw / ...: vision inputs; grids are host arrays (static shapes).
       sparsity: the SparsityConfig of the sparse prefill (static; None: the model's own default).
-        Pass the learner's config so rollout and learner select keys the same way.
+        Pass the learner's config so rollout and learner select keys the same way. Its `backend`
+        also picks the cached decode's attention kernels (None: by platform).
     Returns:
       RolloutOutput with [B, max_new_tokens] tokens / log-probs / mask and per-row ratios.
     """
@@ -355,7 +364,8 @@ def generate(model, input_ids_BL, attention_mask_BL, rng: jax.Array, *, config: 
     if cache.k.shape[2] != capacity:
         cache = _resize_jit(cache, capacity=capacity)
     tokens_BT, logprobs_BT, mask_BT, done_B = _decode_jit(graphdef, state, logits_BV, cache, mask, deltas, rng,
-                                                          config=config)
+                                                          config=config,
+                                                          backend=None if sparsity is None else sparsity.backend)
     B = ids.shape[0]
     return RolloutOutput(tokens_BT=tokens_BT, logprobs_BT=logprobs_BT, mask_BT=mask_BT,
                          lengths_B=jnp.sum(mask_BT, axis=1).astype(jnp.int32), finished_B=done_B,

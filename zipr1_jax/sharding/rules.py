@@ -45,10 +45,10 @@ DEFAULT_RULES: Rules = (
     ("patch_features", None),
 )
 
-# Rollout (sampling): no optimizer state to spread and one decode step per token, so parameters
-# are only tensor-sharded (no per-step FSDP all-gathers); batch still splits over data x fsdp.
-ROLLOUT_RULES: Rules = tuple((name, None if name in ("embed", "vision_embed") else target)
-                             for name, target in DEFAULT_RULES)
+def batch_axes_of(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the rules table gives the logical "batch" axis (rows of every batch)."""
+    entry = dict(rules).get("batch")
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def _is_variable(x: Any) -> bool:
@@ -206,7 +206,7 @@ def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
     return int(total)
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, batch_axes: tuple[str, ...] = ("data", "fsdp")
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, batch_axes: tuple[str, ...] | None = None
                 ) -> dict[str, Any]:
     """Place a host batch on the mesh: arrays split along their leading dim over `batch_axes`.
 
@@ -214,7 +214,9 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, batch_axes: tuple[str, 
     processes, as `jax.make_array_from_process_local_data` assumes). Scalars and arrays whose
     leading dim the batch axes do not divide are replicated (each process must then pass the full
     value); non-array entries (lists of str, python scalars, None) are returned untouched.
+    `batch_axes` default: those of DEFAULT_RULES' "batch" entry.
     """
+    batch_axes = batch_axes_of(DEFAULT_RULES) if batch_axes is None else tuple(batch_axes)
     unknown = [a for a in batch_axes if a not in mesh.shape]
     if unknown:
         raise ValueError(f"shard_batch: batch_axes {unknown} are not mesh axes {tuple(mesh.shape)}")

@@ -12,95 +12,48 @@ p grid against the group size, SFT/RL batch against the mesh) live in `TrainConf
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from zipr1_jax import checks
+from zipr1_jax.kernels.sparse_attention.config import ATTENTION_MODES as SPARSE_MODES
+from zipr1_jax.kernels.sparse_attention.config import BACKENDS as KERNEL_BACKENDS
+from zipr1_jax.models.qwen_vl.config import DTYPES, PRESETS, QwenVLConfig, preset
+from zipr1_jax.rl.advantages import ADVANTAGE_KINDS as ADVANTAGE_ESTIMATORS
+from zipr1_jax.rl.losses import AGGREGATIONS
 from zipr1_jax.rl.rewards import PATH_WEIGHTS
+from zipr1_jax.rl.rollout import BUDGETS
+from zipr1_jax.sharding.mesh import MESH_AXES
+from zipr1_jax.train.metrics import PROGRESS
+from zipr1_jax.train.optim import SCHEDULES
 
 
 class TrainConfigError(ValueError):
     """A training config value is missing, unknown or impossible."""
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
-AGGREGATIONS = ("token", "seq", "drgrpo")
-SPARSE_MODES = ("kv", "qkv")
-PROBE_MODES = ("zipcache", "all")
-BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_triton")
-BUDGETS = ("multi", "single")
-SCHEDULES = ("cosine", "constant")
-PROGRESS = ("tqdm", "line", "none")
+# Allowed values, each defined once by the code that implements them.
+BACKENDS = ("auto",) + KERNEL_BACKENDS  # "auto": chosen by platform
+PROBE_MODES = ("zipcache", "all")  # zipcache: recent + random probes (SelectionConfig "sampled")
 
 # The paper's multi-budget grid: 0.940, 0.945, ..., 0.975 (8 values, one per rollout of a group).
 DEFAULT_P_GRID = tuple(round(0.940 + 0.005 * i, 3) for i in range(8))
 
+# The shared field validators (zipr1_jax.checks), raising TrainConfigError with the dotted field name.
+_is_int, _is_num = checks.is_int, checks.is_number
+_int = functools.partial(checks.check_int, error=TrainConfigError)
+_float = functools.partial(checks.check_float, error=TrainConfigError)
+_choice = functools.partial(checks.check_choice, error=TrainConfigError)
+_bool = functools.partial(checks.check_bool, error=TrainConfigError)
+_str = functools.partial(checks.check_str, error=TrainConfigError)
+_tuple = functools.partial(checks.check_tuple, error=TrainConfigError)
+
 
 def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise TrainConfigError(f"{name}: {msg}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
-
-def _int(obj, name: str, lo: int | None = None, hi: int | None = None) -> None:
-    v = getattr(obj, name)
-    dotted = f"{obj.PREFIX}.{name}"
-    _check(_is_int(v), dotted, f"must be an int, got {v!r}")
-    if lo is not None:
-        _check(v >= lo, dotted, f"must be >= {lo}, got {v}")
-    if hi is not None:
-        _check(v <= hi, dotted, f"must be <= {hi}, got {v}")
-
-
-def _float(obj, name: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False) -> None:
-    v = getattr(obj, name)
-    dotted = f"{obj.PREFIX}.{name}"
-    _check(_is_num(v), dotted, f"must be a finite number, got {v!r}")
-    object.__setattr__(obj, name, float(v))
-    if lo is not None:
-        ok = v > lo if lo_open else v >= lo
-        _check(ok, dotted, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None:
-        ok = v < hi if hi_open else v <= hi
-        _check(ok, dotted, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
-
-
-def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
-    v = getattr(obj, name)
-    _check(v in allowed, f"{obj.PREFIX}.{name}", f"must be one of {list(allowed)}, got {v!r}")
-
-
-def _bool(obj, *names: str) -> None:
-    for name in names:
-        v = getattr(obj, name)
-        _check(isinstance(v, bool), f"{obj.PREFIX}.{name}", f"must be true or false, got {v!r}")
-
-
-def _str(obj, name: str, *, optional: bool = False) -> None:
-    v = getattr(obj, name)
-    if optional and v is None:
-        return
-    _check(isinstance(v, str) and v != "", f"{obj.PREFIX}.{name}", f"must be a non-empty string, got {v!r}")
-
-
-def _tuple(obj, name: str, *, optional: bool = False) -> tuple | None:
-    """Normalise a list-like field to a tuple (YAML gives lists) so the config stays hashable."""
-    v = getattr(obj, name)
-    if v is None and optional:
-        return None
-    _check(isinstance(v, (list, tuple)), f"{obj.PREFIX}.{name}", f"must be a list, got {v!r}")
-    v = tuple(v)
-    object.__setattr__(obj, name, v)
-    return v
+    checks.require(cond, name, msg, error=TrainConfigError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,8 +74,6 @@ class ModelSection:
     init_params: str | None = None
 
     def __post_init__(self):
-        from zipr1_jax.models.qwen_vl.config import PRESETS
-
         _str(self, "preset")
         _str(self, "init_params", optional=True)
         _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
@@ -142,8 +93,6 @@ class ModelSection:
 
     def model_config(self):
         """The QwenVLConfig: read from `hf_dir/config.json` when given, else the preset."""
-        from zipr1_jax.models.qwen_vl.config import QwenVLConfig, preset
-
         if self.hf_dir is not None:
             return QwenVLConfig.from_hf_config(self.hf_dir, dtype=self.dtype, param_dtype=self.param_dtype)
         kw: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -352,7 +301,7 @@ class MeshSection:
     fsdp: int = -1
     tensor: int = 1
 
-    AXES = ("data", "fsdp", "tensor")
+    AXES = MESH_AXES
 
     def __post_init__(self):
         for name in self.AXES:
@@ -509,8 +458,6 @@ class TrainConfig:
 
     @property
     def checkpoint_dir(self) -> str:
-        import os
-
         return self.checkpoint.dir if self.checkpoint.dir is not None else os.path.join(self.log.out_dir, "checkpoints")
 
     def tokenizer_dir(self) -> str:
@@ -526,8 +473,6 @@ class TrainConfig:
 
         Real-size presets need weights (`model.hf_dir`): a 7B model from random init is never wanted.
         """
-        import os
-
         m = self.model
         if m.init_params is not None:
             _check(os.path.isdir(m.init_params), "model.init_params", f"{m.init_params!r} is not a directory")

@@ -34,6 +34,9 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from zipr1_jax.sharding.logical import Rules, logical_to_spec
 from zipr1_jax.sharding.mesh import MESH_AXES
 from zipr1_jax.sharding.rules import DEFAULT_RULES, fit_spec, opt_state_shardings, per_device_bytes, state_shardings
+from zipr1_jax.train.builders import abstract_params
+from zipr1_jax.train.cli import CONFIG_DIR, load_config
+from zipr1_jax.train.optim import make_optimizer, phase_optim_config
 
 GIB = 2**30
 KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
@@ -98,18 +101,10 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
 
 @functools.lru_cache(maxsize=4)
 def _abstract_params(model_config):
-    """Abstract params (ShapeDtypeStructs with logical metadata) of a model config."""
-    from flax import nnx
-
-    from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration
-    from zipr1_jax.train.state import split_params
-
-    return split_params(nnx.eval_shape(lambda: QwenVLForConditionalGeneration(model_config, rngs=nnx.Rngs(0))))[1]
+    return abstract_params(model_config)[1]
 
 
 def _optimizer(cfg):
-    from zipr1_jax.train.optim import phase_optim_config
-
     return phase_optim_config(cfg, "rl" if cfg.rl.steps > 0 else "sft")  # one phase's state is alive at a time
 
 
@@ -134,8 +129,6 @@ def estimate(cfg, num_devices: int, *, target: Target | None = None, config_name
              rules: Rules = DEFAULT_RULES) -> MemoryEstimate:
     """Per-device bytes of `cfg` (a TrainConfig; only shapes are used, no weights) on
     `num_devices` devices laid out by `cfg.mesh`."""
-    from zipr1_jax.train.optim import make_optimizer
-
     sizes = cfg.mesh.resolve(num_devices)
     mesh = abstract_mesh(sizes)
     mc = cfg.model.model_config()
@@ -163,8 +156,6 @@ def estimate(cfg, num_devices: int, *, target: Target | None = None, config_name
 
 def default_estimates(config_dir: str | None = None, rows=DEFAULT_ROWS) -> list[MemoryEstimate]:
     """The README table: Qwen2.5-VL-7B with the shipped configs on v4-32, v5e-64 and 8xH100."""
-    from zipr1_jax.train.cli import CONFIG_DIR, load_config
-
     config_dir = config_dir or CONFIG_DIR
     out = []
     for target_name, filename, overrides in rows:

@@ -22,6 +22,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+PROGRESS = ("tqdm", "line", "none")  # progress display: a bar, a line per step, nothing
+
 JSONL_NAME = "metrics.jsonl"
 TB_DIR_NAME = "tensorboard"
 # Shown on the progress bar when present (short label, metric key, format).
@@ -97,8 +99,8 @@ class MetricsLogger:
     def __init__(self, out_dir: str | os.PathLike, *, total_steps: int = 0, phase: str = "train",
                  tensorboard: bool = True, progress: str = "tqdm", is_main: bool | None = None,
                  stream: TextIO | None = None):
-        if progress not in ("tqdm", "line", "none"):
-            raise ValueError(f"progress must be 'tqdm', 'line' or 'none', got {progress!r}")
+        if progress not in PROGRESS:
+            raise ValueError(f"progress must be one of {list(PROGRESS)}, got {progress!r}")
         if total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps}")
         self.out_dir = os.fspath(out_dir)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import jax
 import optax
 
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -31,8 +33,8 @@ class OptimConfig:
         if self.total_steps < 1 or self.warmup_steps < 0:
             raise ValueError(f"OptimConfig needs total_steps >= 1 and warmup_steps >= 0, got "
                              f"{self.total_steps}, {self.warmup_steps}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"OptimConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"OptimConfig.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:

@@ -11,30 +11,30 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from zipr1_jax.checkpoint import Checkpointer, check_writable, params_dir, restore_params, save_params
 from zipr1_jax.data import sources
 from zipr1_jax.data.chat import SpecialIds
 from zipr1_jax.data.pipelines import PipelineConfig, eval_loader, rl_prompt_loader, sft_loader
+from zipr1_jax.data.process_rows import ProcessRows, gather_batch
 from zipr1_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from zipr1_jax.data.validate import source_fingerprint, validate_source
-from zipr1_jax.rl.rollout import SamplingConfig
+from zipr1_jax.rl.state import TrainState
+from zipr1_jax.sharding.launch import barrier
 from zipr1_jax.sharding.logical import use_mesh
 from zipr1_jax.sharding.mesh import make_mesh
+from zipr1_jax.sharding.placement import Placement
 from zipr1_jax.sharding.rules import DEFAULT_RULES, opt_state_shardings, state_shardings
+from zipr1_jax.train.builders import (build_model, learner_config, sampling_config, sparsity_config,
+                                      split_params)
 from zipr1_jax.train.cli import to_yaml
 from zipr1_jax.train.config import TrainConfig, TrainConfigError
-from zipr1_jax.train.distributed import ProcessRows, barrier, gather_batch
 from zipr1_jax.train.greedy_eval import evaluate_greedy
 from zipr1_jax.train.guard import DivergenceGuard
-from zipr1_jax.train.learner import LearnerConfig
 from zipr1_jax.train.metrics import MetricsLogger, set_aside_rows_after
 from zipr1_jax.train.optim import learning_rate_schedule, make_optimizer, phase_optim_config
-from zipr1_jax.train.parallel import Placement
 from zipr1_jax.train.plots import plot_metrics
-from zipr1_jax.train.state import TrainState, build_model, sparsity_config, split_params
 from zipr1_jax.train.summary import write_summary
 
 BEFORE_RL_EVAL = "eval_before_rl.json"  # in the run's out_dir
@@ -75,7 +75,6 @@ def _process_rows(source, pc, field: str):
     """(source, PipelineConfig) of this process's rows of every global batch (one process: as is)."""
     if jax.process_count() == 1:
         return source, pc
-
     if pc.batch_size % jax.process_count():
         raise TrainConfigError(f"{field}: the global batch of {pc.batch_size} does not split over "
                                f"{jax.process_count()} processes; use a multiple of the process count")
@@ -85,20 +84,43 @@ def _process_rows(source, pc, field: str):
 
 
 class Job:
+    """A run's parts, built in order: directories, mesh and model, data, optimizers and learner,
+    then the resume decision (before anything is written) and the logger."""
+
     def __init__(self, cfg: TrainConfig, devices=None):
         self.cfg = cfg
         self.out_dir = cfg.log.out_dir
         if jax.process_index() == 0:  # an unwritable directory stops the run here, not at its first save
             check_writable(self.out_dir, "log.out_dir")
             check_writable(cfg.checkpoint_dir, "checkpoint.dir")
+        params = self._build_model(devices)
+        self._build_data()
+        self._build_optim(params)
+        self.ckpt = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                                 save_every=cfg.checkpoint.save_every, async_save=cfg.checkpoint.async_save)
+        # Decide what to resume from (and refuse) before this run writes anything into out_dir.
+        self.resume_step = plan_resume(cfg, self.ckpt, self.model_config, self.data_fingerprint)
+        if jax.process_index() == 0:
+            set_aside_rows_after(self.out_dir, -1 if self.resume_step is None else self.resume_step)
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        self.guard = DivergenceGuard(cfg.guard)
+        self.logger = MetricsLogger(self.out_dir, total_steps=cfg.sft.steps, phase="sft",
+                                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+        self.ref_params = None
+        self._sh_cache = {}
+
+    def _build_model(self, devices) -> nnx.State:
+        """Mesh, tokenizer, model (checked against the tokenizer), placed params; returns the host
+        (or abstract) params the optimizers are built from."""
+        cfg = self.cfg
         devices = list(jax.devices() if devices is None else devices)
         self.mesh = make_mesh(**cfg.mesh.resolve(len(devices)), devices=devices)
         self.placement = Placement(self.mesh, DEFAULT_RULES)
         self.tokenizer = _tokenizer(cfg, self.out_dir)
         self.special = SpecialIds.from_tokenizer(self.tokenizer)
         model = build_model(cfg.model)
-        self.model_config = model.config
-        mc = model.config
+        self.model_config = mc = model.config
         if (mc.image_token_id, mc.video_token_id) != (self.special.image_pad, self.special.video_pad):
             raise TrainConfigError(f"data.tokenizer: its image/video pad ids ({self.special.image_pad}, "
                                    f"{self.special.video_pad}) differ from the model's ({mc.image_token_id}, "
@@ -111,16 +133,18 @@ class Job:
                                           self._abstract(params, self.param_shardings))
         else:
             self.params0 = jax.device_put(params, self.param_shardings)
-        # Data. Batch sizes are global. With several processes each reads only its rows of every
-        # global batch (distributed.ProcessRows) and `next_batch` gathers the global host batch.
-        d = cfg.data
+        return params
+
+    def _build_data(self):
+        """Validated training records, loaders and iterators. Batch sizes are global. With several
+        processes each reads only its rows of every global batch (data.process_rows.ProcessRows)
+        and `next_batch` gathers the global host batch."""
+        cfg, d, mc = self.cfg, self.cfg.data, self.model_config
         common = dict(seed=d.seed, length_buckets=d.length_buckets, image_size=d.image_size,
                       system_prompt=d.system_prompt)
-        train_src = _source(cfg, eval_split=False)
-
         train_src, self.skipped_records = validate_source(
-            train_src, self.tokenizer, PipelineConfig(batch_size=1, **common), sft=cfg.sft.steps > 0,
-            skip_bad=d.skip_bad_records)
+            _source(cfg, eval_split=False), self.tokenizer, PipelineConfig(batch_size=1, **common),
+            sft=cfg.sft.steps > 0, skip_bad=d.skip_bad_records)
         for index, problem in self.skipped_records:
             print(f"data.skip_bad_records: skipped record {index}: {problem}", flush=True)
         self.data_fingerprint = source_fingerprint(train_src)  # a resume checks it is the same data
@@ -138,36 +162,18 @@ class Job:
                                        PipelineConfig(batch_size=cfg.eval.batch_size, **eval_common), model_config=mc)
         self.sft_iter = iter(self.sft_loader) if self.sft_loader is not None else None
         self.rl_iter = iter(self.rl_loader) if self.rl_loader is not None else None
-        # Optimizers.
-        r = cfg.rl
+
+    def _build_optim(self, params):
+        """Both phases' optimizers and schedules, the sampling, sparsity and learner configs."""
+        cfg = self.cfg
         self.sft_opt, self.rl_opt = phase_optim_config(cfg, "sft"), phase_optim_config(cfg, "rl")
         self.sft_tx = make_optimizer(self.sft_opt, params)
         self.rl_tx = make_optimizer(self.rl_opt, params)
         self.sft_schedule = learning_rate_schedule(self.sft_opt)
         self.rl_schedule = learning_rate_schedule(self.rl_opt)
         self.eos_ids = (self.special.im_end, int(self.tokenizer.convert_tokens_to_ids("<|endoftext|>")))
-        sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.special.pad,
-                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, cache_steps=r.cache_steps)
         self.sparsity = sparsity_config(cfg.sparsity)
-        self.learner_config = LearnerConfig(
-            group_size=d.group_size, sampling=sampling, sparsity=self.sparsity, p_grid=cfg.sparsity.p_grid,
-            budget=cfg.sparsity.budget, beta=r.beta_kl, eps_low=r.eps_clip_low, eps_high=r.eps_clip_high, mu=r.mu,
-            advantage=r.advantage, adv_eps=r.adv_eps, aggregation=r.aggregation, lambda_eff=r.lambda_eff,
-            gate=r.gate, grad_accum=r.grad_accum, lambda_path=r.lambda_path, path_weight=r.path_weight,
-            path_temperature=r.path_temperature)
-        self.ckpt = Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
-                                 save_every=cfg.checkpoint.save_every, async_save=cfg.checkpoint.async_save)
-        # Decide what to resume from (and refuse) before this run writes anything into out_dir.
-        self.resume_step = plan_resume(cfg, self.ckpt, mc, self.data_fingerprint)
-        if jax.process_index() == 0:
-            set_aside_rows_after(self.out_dir, -1 if self.resume_step is None else self.resume_step)
-            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
-        self.guard = DivergenceGuard(cfg.guard)
-        self.logger = MetricsLogger(self.out_dir, total_steps=cfg.sft.steps, phase="sft",
-                                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-        self.ref_params = None
-        self._sh_cache = {}
+        self.learner_config = learner_config(cfg, sampling_config(cfg, self.special, self.eos_ids), self.sparsity)
 
     def next_batch(self, phase: str) -> dict:
         """The next global host batch of `phase` ("sft" / "rl"); with several processes, every
@@ -175,7 +181,6 @@ class Job:
         batch = next(self.sft_iter if phase == "sft" else self.rl_iter)
         if jax.process_count() == 1:
             return batch
-
         return gather_batch(batch, padding_side="right" if phase == "sft" else "left", pad_id=self.special.pad)
 
     # ------------------------------------------------------------------ state
@@ -259,7 +264,6 @@ class Job:
         if jax.process_count() > 1:
             # evaluate_greedy reads the sampler's outputs with np.asarray, which only works for arrays
             # every process holds whole: do not split eval rows over processes (parameters stay sharded).
-
             rules = tuple((name, None if name == "batch" else axes) for name, axes in self.placement.rules)
             context = lambda: use_mesh(self.mesh, rules)  # noqa: E731
         results = {}

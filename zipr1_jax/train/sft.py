@@ -13,11 +13,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from zipr1_jax.data.model_inputs import model_kwargs, vision_arrays
 from zipr1_jax.rl.losses import sft_loss
-from zipr1_jax.train.batch import model_kwargs, vision_arrays
-from zipr1_jax.train.distributed import put_rows
-from zipr1_jax.train.parallel import Placement
-from zipr1_jax.train.state import TrainState
+from zipr1_jax.rl.state import TrainState
+from zipr1_jax.sharding.placement import Placement
 
 
 def _sft_update(state: TrainState, rows, pos_3BL, vision, *, tx, graphdef, grids):
@@ -56,7 +55,7 @@ def sft_step(state: TrainState, batch: dict, *, tx, graphdef, placement: Placeme
     if all_targets_except is not None:
         host["loss_mask"] = all_text_targets(host["input_ids"], host["attention_mask"],
                                              all_targets_except).astype(np.int32)
-    rows = put_rows(placement, host)
+    rows = placement.put_rows(host)
     pos = jax.device_put(np.asarray(batch["position_ids"], np.int32), placement.replicated)
     state, metrics = placement.jit(_sft_update, state, rows, pos, placement.replicate(vision),
                                    static=dict(tx=tx, graphdef=graphdef, grids=grids),

@@ -16,9 +16,9 @@ import time
 
 import jax
 
+from zipr1_jax.rl.learner import GRPOLearner
 from zipr1_jax.train.config import TrainConfig, TrainConfigError
 from zipr1_jax.train.guard import TrainingDivergedError, divergence_message
-from zipr1_jax.train.learner import GRPOLearner
 from zipr1_jax.train.setup import setup
 from zipr1_jax.train.sft import sft_step
 from zipr1_jax.train.summary import summary_line  # public here too (scripts/train.py, tests)

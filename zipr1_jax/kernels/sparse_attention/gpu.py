@@ -67,18 +67,23 @@ def _params(bs: BlockSizes):
     return pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _fwd_call(q, k, v, q_pos, k_pos, k_count, n_kb, *, scale, bq, bk, bs, interpret, decode=False):
-    """q [B, Lp, N, H], k/v [B, Tp, K, H], q_pos [B, Lp], k_pos [B, Tp], n_kb [B, nq]."""
+def _fwd_call(q, k, v, q_pos, k_pos, k_count, n_kb, *, scale, bq, bk, bs, interpret, decode=False,
+              layer=None):
+    """q [B, Lp, N, H], k/v [B, Tp, K, H] (or layer `layer` of [Y, B, Tp, K, H]), q_pos [B, Lp],
+    k_pos [B, Tp], n_kb [B, nq]."""
     B, Lp, N, H = q.shape
-    Tp, K = k.shape[1], k.shape[2]
+    Tp, K = k.shape[-3], k.shape[-2]
     G, nq = N // K, Lp // bq
+    lead = () if layer is None else (layer,)
+    kv_spec = pl.BlockSpec((None,) * (1 + len(lead)) + (Tp, None, H),
+                           lambda b, n, i: (*lead, b, 0, n // G, 0))
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, bk=bk, decode=decode),
         grid=(B, N, nq),
         in_specs=[
             pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-            pl.BlockSpec((None, Tp, None, H), lambda b, n, i: (b, 0, n // G, 0)),
-            pl.BlockSpec((None, Tp, None, H), lambda b, n, i: (b, 0, n // G, 0)),
+            kv_spec,
+            kv_spec,
             pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
             pl.BlockSpec((None, Tp), lambda b, n, i: (b, 0)),
             pl.BlockSpec((None,), lambda b, n, i: (b,)),
@@ -263,25 +268,29 @@ def attend_compact_triton(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B,
 
 
 def decode_attention_triton(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, *, sm_scale=None,
-                            block_sizes: BlockSizes | None = None, interpret: bool = False):
+                            block_sizes: BlockSizes | None = None, interpret: bool = False,
+                            layer: int | None = None):
     """New tokens (cache slots [length - Tn, length), causal among themselves) over the cache.
 
     One program per (batch, kv head): the GQA group's query heads x new tokens are the rows of
     the q tile (padded to >= 16 for tl.dot); the key loop stops at cdiv(length, block) and loads
     are masked at `length`, so the cache is read in place and never past `length` (it is copied
-    only if head_dim is not a power of 2).
+    only if head_dim is not a power of 2). With `layer`, the caches are a stacked [Y, B, S, K, H]
+    array and the index_map picks the layer: a sliced operand would be copied whole before the call.
     """
-    B, Tn, N, S, K, H = pc.validate_decode(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B)
+    B, Tn, N, S, K, H = pc.validate_decode(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, layer)
     bs = (block_sizes or BlockSizes.default("triton")).validate("triton", H, q_BTNH.dtype)
     G = N // K
     R = Tn * G
     Rp = max(TRITON_MIN_DOT, next_pow2(R))
     bk = _fit(bs.block_k_decode, S)
     Hp = max(TRITON_MIN_DOT, next_pow2(H))
+    if layer is not None and Hp != H:  # padding head_dim copies anyway: copy only this layer
+        k_cache_BSKH, v_cache_BSKH, layer = k_cache_BSKH[layer], v_cache_BSKH[layer], None
     q = q_BTNH.reshape(B, Tn, K, G, H).transpose(0, 1, 3, 2, 4).reshape(B, R, K, H)  # row t*G+g
     q = pc.pad_axis(pc.pad_axis(q, 1, Rp), 3, Hp)
-    k = pc.pad_axis(k_cache_BSKH, 3, Hp)  # no copy when head_dim is already a power of 2
-    v = pc.pad_axis(v_cache_BSKH, 3, Hp)
+    k = pc.pad_axis(k_cache_BSKH, k_cache_BSKH.ndim - 1, Hp)  # no copy when head_dim is a power of 2
+    v = pc.pad_axis(v_cache_BSKH, v_cache_BSKH.ndim - 1, Hp)
     row_pos = jnp.repeat(pc.decode_positions(length_B, Tn), G, axis=1)
     row_pos = pc.pad_axis(row_pos, 1, Rp, pc.QPOS_PAD)
     length = jnp.clip(length_B.astype(jnp.int32), 0, S)
@@ -289,6 +298,6 @@ def decode_attention_triton(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, *, sm_
     dummy_kpos = jnp.zeros((B, S), jnp.int32)  # unused: decode key position == slot
     o, _ = _fwd_call(q, k, v, row_pos, dummy_kpos, length, n_kb,
                      scale=pc.default_scale(H, sm_scale), bq=Rp, bk=bk, bs=bs,
-                     interpret=interpret, decode=True)
+                     interpret=interpret, decode=True, layer=layer)
     o = o[:, :R, :, :H].reshape(B, Tn, G, K, H).transpose(0, 1, 3, 2, 4).reshape(B, Tn, N, H)
     return o

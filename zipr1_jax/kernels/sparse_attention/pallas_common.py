@@ -58,8 +58,23 @@ def validate_compact(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B):
     return B, L, N, T, K, H
 
 
-def validate_decode(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B):
-    """Shape / dtype checks of decode inputs; returns (B, Tn, N, S, K, H)."""
+def layer_view(cache, layer: int | None):
+    """The [B, S, K, H] cache decode reads: `cache` itself, or (shape and dtype only) layer `layer`
+    of a stacked [Y, B, S, K, H] cache, which the kernels then index in place."""
+    if layer is None:
+        return cache
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"layer must be None or a static int, got {layer!r}")
+    if cache.ndim != 5 or not 0 <= layer < cache.shape[0]:
+        raise ValueError(f"layer={layer} needs a stacked cache [Y, B, S, K, H] with Y > {layer}, got shape "
+                         f"{tuple(cache.shape)}")
+    return jax.ShapeDtypeStruct(cache.shape[1:], cache.dtype)
+
+
+def validate_decode(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, layer: int | None = None):
+    """Shape / dtype checks of decode inputs (of layer `layer` of stacked caches, if given);
+    returns (B, Tn, N, S, K, H)."""
+    k_cache_BSKH, v_cache_BSKH = layer_view(k_cache_BSKH, layer), layer_view(v_cache_BSKH, layer)
     if q_BTNH.ndim != 4 or k_cache_BSKH.ndim != 4:
         raise ValueError(f"q and caches must be rank 4, got {q_BTNH.shape}, {k_cache_BSKH.shape}")
     B, Tn, N, H = q_BTNH.shape

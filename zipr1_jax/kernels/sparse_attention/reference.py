@@ -43,34 +43,66 @@ def check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B):
     return B, L, N, T, K, H
 
 
-def _masked_softmax_attend(q_BLNH, k_BTKH, v_BTKH, mask_BLT, sm_scale):
-    """float32 GQA attention with a [B, L, T] mask; rows with no visible key give 0."""
+EMPTY_ROWS = ("zero", "uniform")
+
+
+def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T K H"],
+                      v_BTKH: Float[Array, "B T K H"], mask_BLT: Bool[Array, "B L T"] | None, *,
+                      sm_scale: float | None = None, empty_rows: str = "zero",
+                      float32: bool = True) -> Float[Array, "B L N H"]:
+    """The one softmax-attention core (GQA: query head n uses kv head n // (N / K)); scores are
+    float32 in both modes. The dense model layers and every sparse backend's reference use it.
+
+    empty_rows: what a query with no visible key gets. "zero": exactly 0, with finite gradients
+      (the sparse contract: such a row attends nothing). "uniform": the mean of all values, as a
+      softmax over all-masked scores gives (Hugging Face's eager attention; such rows are padding).
+    float32: True computes everything in float32 at the highest matmul precision (the reference
+      the kernels are tested against); False keeps the model's numerics: probabilities cast to the
+      values' dtype before the second matmul (bf16 models stay bf16 there, like Hugging Face).
+    Returns [B, L, N, H] in q's dtype (float32) / v's dtype (not float32).
+    """
     B, L, N, H = q_BLNH.shape
     K = k_BTKH.shape[2]
-    G = N // K
+    if K == 0 or N % K:
+        raise ValueError(f"softmax_attention: {N} query heads are not a multiple of {K} kv heads (GQA)")
+    if empty_rows not in EMPTY_ROWS:
+        raise ValueError(f"softmax_attention: empty_rows must be one of {EMPTY_ROWS}, got {empty_rows!r}")
     scale = 1.0 / math.sqrt(H) if sm_scale is None else float(sm_scale)
-    q = q_BLNH.astype(jnp.float32).reshape(B, L, K, G, H)
-    k = k_BTKH.astype(jnp.float32)
-    v = v_BTKH.astype(jnp.float32)
-    s = jnp.einsum("blkgh,btkh->bkglt", q, k, precision="highest") * scale
-    mask = mask_BLT[:, None, None]
-    s = jnp.where(mask, s, _MASKED)
-    m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
-    e = jnp.where(mask, jnp.exp(s - m), 0.0)
-    den = e.sum(axis=-1, keepdims=True)
-    a = e / jnp.where(den > 0, den, 1.0)
-    o = jnp.einsum("bkglt,btkh->blkgh", a, v, precision="highest")
-    return o.reshape(B, L, N, H).astype(q_BLNH.dtype)
+    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
+    if float32:
+        q_BLKGH, k_BTKH, v_BTKH = (x.astype(jnp.float32) for x in (q_BLKGH, k_BTKH, v_BTKH))
+        s = jnp.einsum("blkgh,btkh->bkglt", q_BLKGH, k_BTKH, precision="highest") * scale
+    else:
+        s = jnp.einsum("blkgh,btkh->bkglt", q_BLKGH, k_BTKH,
+                       preferred_element_type=jnp.float32).astype(jnp.float32) * scale
+    if empty_rows == "uniform":
+        if mask_BLT is not None:
+            s = jnp.where(mask_BLT[:, None, None], s, jnp.finfo(jnp.float32).min)
+        a = jax.nn.softmax(s, axis=-1)
+    else:
+        mask = jnp.ones(s.shape, bool) if mask_BLT is None else mask_BLT[:, None, None]
+        s = jnp.where(mask, s, _MASKED)
+        m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+        e = jnp.where(mask, jnp.exp(s - m), 0.0)
+        den = e.sum(axis=-1, keepdims=True)
+        a = e / jnp.where(den > 0, den, 1.0)
+    if float32:
+        o = jnp.einsum("bkglt,btkh->blkgh", a, v_BTKH, precision="highest")
+        return o.reshape(B, L, N, H).astype(q_BLNH.dtype)
+    return jnp.einsum("bkglt,btkh->blkgh", a.astype(v_BTKH.dtype), v_BTKH).reshape(B, L, N, H)
 
 
 def attend_compact_reference(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T K H"],
                              v_BTKH: Float[Array, "B T K H"], q_pos_BL: Int[Array, "B L"],
                              k_pos_BT: Int[Array, "B T"], k_count_B: Int[Array, "B"], *,
-                             sm_scale: float | None = None) -> Float[Array, "B L N H"]:
+                             sm_scale: float | None = None, empty_rows: str = "zero",
+                             float32: bool = True) -> Float[Array, "B L N H"]:
     """Attention of every query over the compact kept keys (see module docstring).
 
     Keys at slots >= k_count are zeroed before use so garbage (even NaN) there cannot leak.
-    Output dtype = q dtype; arithmetic in float32.
+    Output dtype = q dtype; arithmetic in float32. `empty_rows` / `float32`: as in
+    `softmax_attention` (the defaults are the contract; the model's cached decode on the xla
+    backend passes "uniform" / False, the dense layers' numerics).
     """
     check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B)
     T = k_BTKH.shape[1]
@@ -78,7 +110,7 @@ def attend_compact_reference(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Arra
     k = jnp.where(live_BT[:, :, None, None], k_BTKH, jnp.zeros_like(k_BTKH))
     v = jnp.where(live_BT[:, :, None, None], v_BTKH, jnp.zeros_like(v_BTKH))
     mask_BLT = live_BT[:, None, :] & (k_pos_BT[:, None, :] <= q_pos_BL[:, :, None])
-    return _masked_softmax_attend(q_BLNH, k, v, mask_BLT, sm_scale)
+    return softmax_attention(q_BLNH, k, v, mask_BLT, sm_scale=sm_scale, empty_rows=empty_rows, float32=float32)
 
 
 def masked_dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"],
@@ -95,7 +127,7 @@ def masked_dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array,
         raise ValueError(f"masked_dense_attention needs L == S (prefill), got L={L}, S={S}")
     causal_LS = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]
     mask_BLS = keep_BS[:, None, :] & causal_LS[None]
-    o = _masked_softmax_attend(q_BLNH, k_BSKH, v_BSKH, mask_BLS, sm_scale)
+    o = softmax_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, sm_scale=sm_scale)
     if valid_BL is not None:
         o = jnp.where(valid_BL[:, :, None, None], o, jnp.zeros_like(o))
     return o

@@ -386,16 +386,18 @@ def _decode_kernel(len_ref, nkb_ref, q_ref, qp_ref, k_ref, v_ref, o_ref, m_sc, l
 
 
 def decode_attention_tpu(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, *, sm_scale=None,
-                         block_sizes: BlockSizes | None = None, interpret: bool = False):
+                         block_sizes: BlockSizes | None = None, interpret: bool = False,
+                         layer: int | None = None):
     """New tokens (cache slots [length - Tn, length), causal among themselves) over the cache.
 
     The GQA group's query heads x new tokens form the rows of each head's q tile (>= 8 sublanes
     even for a single new token). The cache is read in place ([B, S, K, H] blocks of [bk, K, H]:
     the last two dims are full, so Mosaic tiling holds without a transpose/relayout copy), each
     cache byte is fetched once per step, and key blocks at or past `length` are neither computed
-    nor fetched (clamped index_map).
+    nor fetched (clamped index_map). With `layer`, the caches are a stacked [Y, B, S, K, H] array
+    and the index_map picks the layer: a sliced operand would be copied whole before the call.
     """
-    B, Tn, N, S, K, H = pc.validate_decode(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B)
+    B, Tn, N, S, K, H = pc.validate_decode(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, layer)
     bs = (block_sizes or BlockSizes.default("tpu")).validate("tpu", H, q_BTNH.dtype)
     G = N // K
     R = Tn * G
@@ -411,8 +413,11 @@ def decode_attention_tpu(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, *, sm_sca
     length = jnp.clip(length_B.astype(jnp.int32), 0, S)
     n_kb = pl.cdiv(length, bk).astype(jnp.int32)
 
+    lead = () if layer is None else (layer,)
+    kv_block = (None,) * (1 + len(lead)) + (bk, K, H)
+
     def kv_map(b, kb, ln, nkb):
-        return (b, jnp.minimum(kb, jnp.maximum(nkb[b] - 1, 0)), 0, 0)
+        return (*lead, b, jnp.minimum(kb, jnp.maximum(nkb[b] - 1, 0)), 0, 0)
 
     o = pl.pallas_call(
         functools.partial(_decode_kernel, scale=pc.default_scale(H, sm_scale), bk=bk, nk=nk, K=K),
@@ -421,8 +426,8 @@ def decode_attention_tpu(q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B, *, sm_sca
             grid=(B, nk),
             in_specs=[pl.BlockSpec((None, K, Rp, H), lambda b, kb, ln, nkb: (b, 0, 0, 0)),
                       pl.BlockSpec((None, Rp, TPU_LANE), lambda b, kb, ln, nkb: (b, 0, 0)),
-                      pl.BlockSpec((None, bk, K, H), kv_map),
-                      pl.BlockSpec((None, bk, K, H), kv_map)],
+                      pl.BlockSpec(kv_block, kv_map),
+                      pl.BlockSpec(kv_block, kv_map)],
             out_specs=pl.BlockSpec((None, K, Rp, H), lambda b, kb, ln, nkb: (b, 0, 0, 0)),
             scratch_shapes=[pltpu.VMEM((K, Rp, TPU_LANE), jnp.float32),
                             pltpu.VMEM((K, Rp, TPU_LANE), jnp.float32),

@@ -3,8 +3,8 @@
 `KVCache(k, v, length)`: k, v [Y, B, S_max, K, H] hold post-RoPE keys / values; `length` [Y, B]
 int32 counts the valid entries of each layer and row. Valid entries are always the FRONT
 `length[y, b]` slots (prefill moves left padding out), so decode needs no key mask: it appends at
-`length` and attends to [0, length). The sparse cache will store only kept entries in the same
-layout, with a smaller per-layer length.
+`length` and attends to [0, length) (`decode_attention` reads each row's length). The sparse
+cache stores only kept entries in the same layout, with a smaller per-layer length.
 """
 
 from __future__ import annotations
@@ -47,11 +47,22 @@ def compact_front(x_BLKH: jax.Array, valid_BL: Bool[Array, "B L"], capacity: int
     return jnp.pad(gathered, pad)
 
 
-def write_at(cache_BSKH: jax.Array, new_BTKH: jax.Array, start_B: Int[Array, "B"]) -> jax.Array:
-    """Write new entries at per-row offsets `start_B` (dynamic_update_slice per row)."""
-    def one(c_SKH, n_TKH, s):
-        return jax.lax.dynamic_update_slice(c_SKH, n_TKH.astype(c_SKH.dtype), (s, 0, 0))
-    return jax.vmap(one)(cache_BSKH, new_BTKH, start_B)
+def write_at(cache_YBSKH: Float[Array, "Y B S K H"], layer: int, new_BTKH: Float[Array, "B T K H"],
+             start_B: Int[Array, "B"]) -> Float[Array, "Y B S K H"]:
+    """Write layer `layer`'s T new entries at per-row offsets `start_B` of the STACKED cache.
+
+    One scatter into the [Y, B, S, K, H] array (not a per-layer slice + re-stack): when the old
+    cache is dead afterwards, e.g. the carry of the rollout's while_loop, XLA updates it in place,
+    so a decode step writes B*T entries per layer instead of copying the whole cache. Offsets are
+    clamped to [0, S - T] like `lax.dynamic_update_slice` (an overfull row overwrites its tail).
+    """
+    B, T = new_BTKH.shape[:2]
+    S = cache_YBSKH.shape[2]
+    start_B = jnp.clip(start_B.astype(jnp.int32), 0, S - T)
+    slots_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+    return cache_YBSKH.at[layer, rows_B1, slots_BT].set(new_BTKH.astype(cache_YBSKH.dtype),
+                                                         mode="promise_in_bounds")
 
 
 def decode_mask(length_B: Int[Array, "B"], T: int, capacity: int) -> Bool[Array, "B T S"]:

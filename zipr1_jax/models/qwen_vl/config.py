@@ -11,10 +11,13 @@ arguments. Every field is validated in `__post_init__` with a message naming the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from zipr1_jax import checks
 
 Family = Literal["qwen2_vl", "qwen2_5_vl"]
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
@@ -26,15 +29,10 @@ class ConfigError(ValueError):
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
+    checks.require(cond, field_name, msg, error=ConfigError)
 
 
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}",
-               f"must be a positive int, got {value!r}")
+_positive = functools.partial(checks.check_positive_ints, error=ConfigError)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from zipr1_jax.kernels.sparse_attention import decode_attention
 from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, write_at
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
@@ -215,10 +216,24 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         return self._logits(h_BLD), cache, rope_deltas_B
 
     def decode_step(self, input_ids_BT, cache: KVCache, *, rope_deltas_B=None, position_ids_3BT=None,
-                    attend: AttendFn | Sequence[AttendFn | None] | None = None):
+                    backend: str | None = None, attend: AttendFn | Sequence[AttendFn | None] | None = None):
         """Append T new tokens per row at `cache.length` and return (logits [B, T, V], new cache).
 
-        Positions default to length + t + rope_delta (text continuation after the prompt).
+        Each layer attends through the `decode_attention` dispatcher over its own cache length (a
+        sparse cache keeps fewer entries in some layers): the Pallas decode kernels on TPU / GPU
+        read only the first `length` slots of a row, the xla path masks the rest.
+
+        Args:
+          input_ids_BT: [B, T] new tokens (T > 1: causal among themselves).
+          cache: the stacked cache; layer y's T entries are written at cache.length[y].
+          rope_deltas_B / position_ids_3BT: positions default to length + t + rope_delta (text
+            continuation after the prompt); a sparse cache needs explicit position_ids_3BT.
+          backend: static decode-attention backend: None -> `self.sparsity.backend` if the model
+            holds a SparsityConfig, else by platform (tpu -> pallas_tpu, gpu -> pallas_triton,
+            cpu -> xla); or "xla" / "pallas_tpu" / "pallas_triton".
+          attend: optional replacement attention core (one or per layer), called as
+            attend(q_BTNH, k_cache_BSKH, v_cache_BSKH, mask_BTS) with the decode mask (slots
+            <= length + t); it bypasses the dispatcher (e.g. `dense_attention` as an oracle).
         """
         B, T = input_ids_BT.shape
         length_B = cache.length[0]
@@ -229,26 +244,44 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
             position_ids_3BT = jnp.broadcast_to(pos_BT[None], (3, B, T))
         x_BTD = constrain(self.embed_tokens(input_ids_BT), ("batch", "length", "embed"))
         cos, sin = self._rope(position_ids_3BT)
-        new_k, new_v = [], []
+        if backend is None:  # the model's SparsityConfig.backend, if it holds one; else by platform
+            backend = getattr(getattr(self, "sparsity", None), "backend", None)
+        attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
+        kv = {"k": cache.k, "v": cache.v}  # [Y, B, S, K, H], written in place layer by layer
 
-        def updater(y):
+        def updater(y, stacked: bool):
             def update(k_BTKH, v_BTKH):
-                k_all = write_at(cache.k[y], k_BTKH, cache.length[y])
-                v_all = write_at(cache.v[y], v_BTKH, cache.length[y])
-                new_k.append(k_all)
-                new_v.append(v_all)
-                return (constrain(k_all, ("batch", "kv_length", "kv_heads", "head_dim")),
-                        constrain(v_all, ("batch", "kv_length", "kv_heads", "head_dim")))
+                kv["k"] = write_at(kv["k"], y, k_BTKH, cache.length[y])
+                kv["v"] = write_at(kv["v"], y, v_BTKH, cache.length[y])
+                if stacked:  # the dispatcher reads layer y of the stack in place (no per-layer copy)
+                    return constrain(kv["k"], _STACK_AXES), constrain(kv["v"], _STACK_AXES)
+                return constrain(kv["k"][y], _STACK_AXES[1:]), constrain(kv["v"][y], _STACK_AXES[1:])
             return update
 
-        # Layers may hold different lengths (sparse caches); the mask is per layer, so build it inside.
-        masks = [decode_mask(cache.length[y], T, cache.capacity) for y in range(len(self.layers))]
-        attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
         x = x_BTD
         for y, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[y], attend=attends[y], kv_update=updater(y))
+            if attends[y] is None:
+                # The T new entries sit at [length, length + T): the dispatcher reads length + T slots.
+                layer_attend, mask = _cached_attend(y, cache.length[y] + T, backend), None
+            else:
+                layer_attend, mask = attends[y], decode_mask(cache.length[y], T, cache.capacity)
+            x = layer(x, cos, sin, mask, attend=layer_attend, kv_update=updater(y, stacked=attends[y] is None))
         logits = self._logits(self.norm(x))
-        return logits, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), length=cache.length + T)
+        return logits, KVCache(k=kv["k"], v=kv["v"], length=cache.length + T)
+
+
+_STACK_AXES = ("layers", "batch", "kv_length", "kv_heads", "head_dim")
+
+
+def _cached_attend(layer: int, length_B: jax.Array, backend: str | None) -> AttendFn:
+    """The `attend` hook of cached decode: `decode_attention` over the first `length_B` slots of
+    layer `layer` of the stacked caches its `kv_update` returns."""
+    def attend(q_BTNH, k_cache_YBSKH, v_cache_YBSKH, mask):
+        del mask  # the length is the mask: no slot >= length is read
+        # model_numerics: on the xla path the same math as the dense layers (Hugging Face's eager rule).
+        return decode_attention(q_BTNH, k_cache_YBSKH, v_cache_YBSKH, length_B, layer=layer, backend=backend,
+                                model_numerics=True)
+    return attend
 
 
 def _one_of(name: str, ours, hf):

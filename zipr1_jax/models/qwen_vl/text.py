@@ -1,8 +1,9 @@
 """Qwen2 decoder blocks: RMSNorm, GQA self-attention with q/k/v bias and M-RoPE, SwiGLU MLP.
 
-The attention math lives in ONE function, `dense_attention`; a decoder layer calls whatever
-`attend` function it is given (default `dense_attention`), which is the single hook through which
-sparse attention replaces it. Layers also accept a `kv_update` callback so the same code path serves
+The attention math is the one core every path shares (`kernels.sparse_attention.reference.
+softmax_attention`; `dense_attention` is it with the model's numerics); a decoder layer calls
+whatever `attend` function it is given (default `dense_attention`), which is the single hook
+through which sparse attention replaces it. Layers also accept a `kv_update` callback so the same code path serves
 the full forward, prefill and cached decode.
 """
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zipr1_jax.kernels.sparse_attention.reference import softmax_attention
 from zipr1_jax.models.qwen_vl.config import TextConfig
 from zipr1_jax.models.qwen_vl.rope import apply_rotary
 from zipr1_jax.sharding.logical import constrain, param_axes
@@ -21,7 +23,8 @@ from zipr1_jax.typing import Array, Bool, Float
 
 # (q_BLNH, k_BSKH, v_BSKH, mask_BLS) -> o_BLNH
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
-# (k_BLKH, v_BLKH) -> (k_BSKH, v_BSKH): e.g. write new entries into a cache and return all of it.
+# (k_BLKH, v_BLKH) -> the keys / values `attend` reads: e.g. write new entries into a cache and return
+# all of it (cached decode returns the stacked [Y, B, S, K, H] cache, its attend reads one layer).
 KVUpdateFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 DEFAULT_INIT = jax.nn.initializers.normal(0.02)
@@ -30,24 +33,10 @@ DEFAULT_INIT = jax.nn.initializers.normal(0.02)
 def dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"],
                     v_BSKH: Float[Array, "B S K H"], mask_BLS: Bool[Array, "B L S"] | None,
                     *, sm_scale: float | None = None) -> Float[Array, "B L N H"]:
-    """Softmax attention with grouped KV heads (query head n uses kv head n // (N / K)).
-
-    Logits and softmax are float32. A query row with no visible key gets a uniform average rather
-    than NaN (such rows are padding; their output is never used).
-    """
-    B, L, N, H = q_BLNH.shape
-    K = k_BSKH.shape[2]
-    if N % K:
-        raise ValueError(f"dense_attention: {N} query heads are not a multiple of {K} kv heads")
-    scale = H**-0.5 if sm_scale is None else sm_scale
-    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
-    logits_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BSKH,
-                              preferred_element_type=jnp.float32).astype(jnp.float32) * scale
-    if mask_BLS is not None:
-        logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, jnp.finfo(jnp.float32).min)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
-    o_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BSKH)
-    return o_BLKGH.reshape(B, L, N, H)
+    """The model's attention: the shared core (`reference.softmax_attention`) with Hugging Face's
+    eager numerics (float32 scores, probabilities in the values' dtype). A query row with no
+    visible key gets a uniform average rather than NaN (such rows are padding; never used)."""
+    return softmax_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, sm_scale=sm_scale, empty_rows="uniform", float32=False)
 
 
 def slice_positions(h_BLD: jax.Array, logits_slice: tuple[int, int] | None) -> jax.Array:

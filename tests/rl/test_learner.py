@@ -1,4 +1,8 @@
-"""The pathwise efficiency term in the model and the learner (docs/method.md 3b).
+"""The learner's update step, and the pathwise efficiency term in the model and the learner
+(docs/method.md 3b).
+
+- gradient accumulation is a scan: the traced program holds one micro-step whatever grad_accum is,
+  and the accumulated step equals the whole-batch step;
 
 - a gradient step on the term alone lowers the soft AND the hard token ratio at fixed p;
 - lambda_path = 0 (paper-literal) gives bit-identical losses and parameters to the learner with
@@ -20,8 +24,8 @@ from flax import nnx
 from zipr1_jax.kernels.sparse_attention import SelectionConfig, SparsityConfig
 from zipr1_jax.models.qwen_vl import config as C
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration
-from zipr1_jax.train.learner import _logprobs_only, _update
-from zipr1_jax.train.state import TrainState
+from zipr1_jax.rl.learner import _logprobs_only, _update
+from zipr1_jax.rl.state import TrainState
 
 SELECTION = SelectionConfig(min_probes=4)
 SPARSITY = SparsityConfig(backend="xla", selection=SELECTION, capacity_buckets=(1.0,))
@@ -171,6 +175,44 @@ def test_path_term_adds_up_over_micro_batches():
         np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-5, err_msg=k)
     moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params))]
     assert max(moved) < 0.01 * 3e-3  # the two updates agree to 1% of one Adam step
+
+
+def test_grad_accum_equals_the_whole_batch_step():
+    _, m1 = _step()
+    _, m2 = _step(grad_accum=2)
+    _, m4 = _step(grad_accum=4)
+    for k in ("loss", "pg_loss", "kl", "grad_norm", "logp_mismatch"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+        np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+
+
+def _jaxpr_of_update(grad_accum: int, path: bool):
+    graphdef, params = _model()
+    seq, p_R, rng, adv, ref, rollout_logp, L = _learner_inputs(graphdef, params)
+    path_kw = dict(lambda_path=1.0, temperature=TEMPERATURE) if path else None
+
+    def update(state):
+        return _update(state, seq, {}, p_R, rng, adv, None, ref, rollout_logp, W if path else None, tx=TX,
+                       loss_kw=dict(beta=0.5, eps_low=0.2, eps_high=0.28), grad_accum=grad_accum,
+                       aggregation="token", path_kw=path_kw, graphdef=graphdef,
+                       grids=dict(image_grid=None, video_grid=None), sparsity=SPARSITY, L=L, temperature=1.0)
+
+    return jax.make_jaxpr(update)(TrainState.create(params, TX)).jaxpr
+
+
+@pytest.mark.parametrize("path", [False, True])
+def test_grad_accum_is_a_scan_not_an_unrolled_loop(path):
+    """An unrolled loop would trace the forward + backward grad_accum times (program size and
+    compile time growing with it); the scan traces it once."""
+    two, four = _jaxpr_of_update(2, path), _jaxpr_of_update(4, path)
+    assert [e.primitive.name for e in two.eqns].count("scan") >= 1
+    assert len(two.eqns) == len(four.eqns)
+    body = lambda j: max((e.params["jaxpr"].jaxpr for e in j.eqns if e.primitive.name == "scan"),  # noqa: E731
+                         key=lambda b: len(b.eqns))
+    # One micro-step (model forward + backward) in the body; its size differs only by a few
+    # shape-dependent ops between 2 and 1 rows per slice (an unrolled loop would double it).
+    n2, n4 = len(body(two).eqns), len(body(four).eqns)
+    assert n2 > 500 and abs(n2 - n4) < 0.05 * n2
 
 
 def test_path_term_with_several_inner_steps():

@@ -2,7 +2,7 @@
 
 Vision grids fix the vision tower's shapes, so they travel as STATIC jit arguments (tuples); the
 pixel rows are cut to the real ones (the loader pads them to a bucket). Everything else is a
-device array that `shard_batch` places on the mesh.
+device array that `Placement.put_batch` / `put_rows` place on the mesh.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 Grid = tuple[tuple[int, int, int], ...] | None
-
-# Per-row arrays of a batch that the jitted steps read (others are host-only: strings, masks).
-ROW_KEYS = ("input_ids", "attention_mask", "loss_mask", "rope_deltas")
 
 
 def static_grid(grid) -> Grid:

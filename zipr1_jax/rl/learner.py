@@ -23,6 +23,7 @@ Per step (docs/method.md section 3):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import jax
@@ -31,16 +32,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from zipr1_jax.data.model_inputs import model_kwargs, response_positions, vision_arrays
 from zipr1_jax.kernels.sparse_attention.config import SparsityConfig
 from zipr1_jax.kernels.sparse_attention.selection import row_keys
 from zipr1_jax.rl.advantages import compute_advantages
 from zipr1_jax.rl.losses import grpo_loss, pathwise_efficiency_loss, token_logprobs_from_logits
 from zipr1_jax.rl.rewards import PATH_WEIGHTS, RewardInputs, compute_rewards, path_weights
-from zipr1_jax.rl.rollout import SamplingConfig, budget_thresholds, generate
-from zipr1_jax.train.batch import model_kwargs, response_positions, vision_arrays
-from zipr1_jax.train.distributed import put_rows, replicate, to_host_tree
-from zipr1_jax.train.parallel import Placement
-from zipr1_jax.train.state import TrainState
+from zipr1_jax.rl.rollout import SamplingConfig, budget_thresholds, generate, rollout_keys
+from zipr1_jax.rl.state import TrainState
+from zipr1_jax.sharding.host import to_host_tree
+from zipr1_jax.sharding.placement import Placement
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +125,74 @@ def _logprobs_only(params, seq, vision, p_R, sel_rng, **static):
     return _sequence_logprobs(params, seq, vision, p_R, sel_rng, **static)[0]
 
 
+def _micro_rows(rows: dict, start, size: int) -> dict:
+    """Rows [start, start + size) of every per-row entry (traced `start`: one scan step). Rows are
+    axis 0 of every entry except the M-RoPE positions [3, R, L] (axis 1)."""
+    return {k: None if v is None else jax.lax.dynamic_slice_in_dim(v, start, size, axis=1 if k == "pos" else 0)
+            for k, v in rows.items()}
+
+
+def _micro_step(params, r: dict, vision, *, n_tok, n_rows, grad_accum, aggregation, loss_kw, path_kw, num_rows,
+                **static):
+    """(weighted gradient, weighted pathwise gradient or None, weighted metrics) of one micro-batch
+    `r`; the weights make the sum over micro-batches the loss of the whole batch."""
+    seq = {k: r[k] for k in ("ids", "mask", "pos", "keep") if r.get(k) is not None}
+    L = static["L"]
+    mask_RT = r["mask"][:, L:] > 0
+    soft_T = None if path_kw is None else path_kw["temperature"]
+
+    def loss_fn(prm):
+        logp_RT, _, soft_R = _sequence_logprobs(prm, seq, vision, r["p"], r["key"], soft_temperature=soft_T,
+                                                **static)
+        old = jax.lax.stop_gradient(logp_RT) if r.get("old") is None else r["old"]
+        loss, metrics = grpo_loss(logp_RT, old, r.get("ref"), r["adv"], mask_RT, aggregation=aggregation, **loss_kw)
+        mismatch = jnp.sum(jnp.abs(logp_RT - r["rollout"]) * mask_RT) / jnp.maximum(jnp.sum(mask_RT), 1)
+        metrics = {**metrics, "logp_mismatch": jax.lax.stop_gradient(mismatch)}
+        if path_kw is None:
+            return loss, metrics
+        path = pathwise_efficiency_loss(soft_R, r["path_w"], path_kw["lambda_path"], num_rows=num_rows)
+        # Row sums over the whole batch (divided by R): micro-batches add up without token weights.
+        path_metrics = {"soft_ratio": jnp.sum(soft_R) / num_rows, "path_term": path}
+        return (loss, path), (metrics, jax.tree.map(jax.lax.stop_gradient, path_metrics))
+
+    if aggregation == "token":
+        w = jnp.sum(mask_RT) / n_tok
+    elif aggregation == "seq":
+        w = jnp.sum(jnp.any(mask_RT, axis=1)) / n_rows
+    else:
+        w = 1.0 / grad_accum
+    if path_kw is None:
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        gp, extra = None, {}
+    else:
+        # The pathwise term's gradient as a second cotangent of the same forward: its share is logged.
+        (loss, path), vjp_fn, (m, extra) = jax.vjp(loss_fn, params, has_aux=True)
+        g, = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(path)))
+        gp, = vjp_fn((jnp.zeros_like(loss), jnp.ones_like(path)))
+    g = jax.tree.map(lambda x: x * w, g)
+    m = {k: v * w for k, v in {**m, "loss": loss}.items()}
+    return g, gp, {**m, **extra}
+
+
+def _accumulate(params, rows: dict, vision, *, grad_accum: int, **kw):
+    """Sum of `_micro_step` over `grad_accum` equal row slices, as a scan (one traced micro-step
+    whatever grad_accum is; the sum runs in slice order, as an unrolled loop would add)."""
+    R = rows["ids"].shape[0]
+    size = R // grad_accum
+    step = functools.partial(_micro_step, vision=vision, grad_accum=grad_accum, **kw)
+    if grad_accum == 1:
+        return step(params, rows)
+
+    def body(total, i):
+        out = step(params, _micro_rows(rows, i * size, size))
+        return jax.tree.map(jnp.add, total, out), None
+
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(step, params, _micro_rows(rows, 0, size)))
+    total, _ = jax.lax.scan(body, zeros, jnp.arange(grad_accum))
+    return total
+
+
 def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, ref_logp_RT, rollout_logp_RT,
             path_w_R=None, *, tx, graphdef, grids, sparsity, L, temperature, loss_kw, grad_accum, aggregation,
             path_kw=None):
@@ -135,56 +204,13 @@ def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, re
     """
     mask_RT = seq["mask"][:, L:] > 0
     R = mask_RT.shape[0]
-    rows = R // grad_accum
-    soft_T = None if path_kw is None else path_kw["temperature"]
     # Per-row selection keys, sliced with their rows: every micro-batch draws the rollout's probes.
-    keys_R = row_keys(sel_rng, R)
-
-    def loss_fn(params, sl):
-        # Rows are axis 0 of every entry except the M-RoPE positions [3, R, L] (axis 1).
-        s = {k: (v[:, sl] if k == "pos" else v[sl]) for k, v in seq.items()}
-        logp_RT, _, soft_R = _sequence_logprobs(params, s, vision, p_R[sl], keys_R[sl], graphdef=graphdef, grids=grids,
-                                                sparsity=sparsity, L=L, temperature=temperature,
-                                                soft_temperature=soft_T)
-        old = jax.lax.stop_gradient(logp_RT) if old_logp_RT is None else old_logp_RT[sl]
-        ref = None if ref_logp_RT is None else ref_logp_RT[sl]
-        loss, metrics = grpo_loss(logp_RT, old, ref, adv_R[sl], mask_RT[sl], aggregation=aggregation, **loss_kw)
-        m = mask_RT[sl]
-        mismatch = jnp.sum(jnp.abs(logp_RT - rollout_logp_RT[sl]) * m) / jnp.maximum(jnp.sum(m), 1)
-        metrics = {**metrics, "logp_mismatch": jax.lax.stop_gradient(mismatch)}
-        if path_kw is None:
-            return loss, metrics
-        path = pathwise_efficiency_loss(soft_R, path_w_R[sl], path_kw["lambda_path"], num_rows=R)
-        # Row sums over the whole batch (divided by R): slices add up without token weights.
-        path_metrics = {"soft_ratio": jnp.sum(soft_R) / R, "path_term": path}
-        return (loss, path), (metrics, jax.tree.map(jax.lax.stop_gradient, path_metrics))
-
-    # Weights make the accumulated loss equal to the loss of the whole batch.
-    n_tok = jnp.maximum(jnp.sum(mask_RT), 1)
-    n_rows = jnp.maximum(jnp.sum(jnp.any(mask_RT, axis=1)), 1)
-    grads, metrics, path_grads = None, None, None
-    for i in range(grad_accum):
-        sl = slice(i * rows, (i + 1) * rows)
-        if aggregation == "token":
-            w = jnp.sum(mask_RT[sl]) / n_tok
-        elif aggregation == "seq":
-            w = jnp.sum(jnp.any(mask_RT[sl], axis=1)) / n_rows
-        else:
-            w = 1.0 / grad_accum
-        if path_kw is None:
-            (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, sl)
-            extra = {}
-        else:
-            (loss, path), vjp_fn, (m, extra) = jax.vjp(lambda prm: loss_fn(prm, sl), state.params, has_aux=True)
-            one, zero = jnp.ones_like(loss), jnp.zeros_like(path)
-            g, = vjp_fn((one, zero))
-            gp, = vjp_fn((jnp.zeros_like(loss), jnp.ones_like(path)))
-            path_grads = gp if path_grads is None else jax.tree.map(jnp.add, path_grads, gp)
-        g = jax.tree.map(lambda x: x * w, g)
-        m = {k: v * w for k, v in {**m, "loss": loss}.items()}
-        m.update(extra)
-        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+    rows = dict(seq, p=p_R, key=row_keys(sel_rng, R), adv=adv_R, old=old_logp_RT, ref=ref_logp_RT,
+                rollout=rollout_logp_RT, path_w=path_w_R)
+    grads, path_grads, metrics = _accumulate(
+        state.params, rows, vision, grad_accum=grad_accum, aggregation=aggregation, loss_kw=loss_kw, path_kw=path_kw,
+        num_rows=R, n_tok=jnp.maximum(jnp.sum(mask_RT), 1), n_rows=jnp.maximum(jnp.sum(jnp.any(mask_RT, axis=1)), 1),
+        graphdef=graphdef, grids=grids, sparsity=sparsity, L=L, temperature=temperature)
     if path_grads is not None:
         metrics["grpo_grad_norm"] = optax.global_norm(grads)
         metrics["path_grad_norm"] = optax.global_norm(path_grads)
@@ -197,8 +223,7 @@ def _update(state: TrainState, seq, vision, p_R, sel_rng, adv_R, old_logp_RT, re
     metrics["param_norm"], metrics["update_norm"] = optax.global_norm(params), optax.global_norm(updates)
     if path_grads is not None:
         metrics["path_grad_share"] = metrics["path_grad_norm"] / jnp.maximum(metrics["grad_norm"], 1e-30)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 # ---------------------------------------------------------------------- the learner
@@ -258,20 +283,11 @@ class GRPOLearner:
                    pos=np.concatenate([pos_3RL, pos_3RT], axis=2).astype(np.int32))
         return seq, L
 
-    def step(self, state: TrainState, ref_params, batch: dict, rng, *, step: int = 0):
+    def place(self, out, seq: dict, adv_R: np.ndarray, p_np, rewards) -> tuple[dict, dict]:
+        """(sequences, per-row learner inputs) on the mesh: rows split over the batch axes, the
+        M-RoPE ids [3, R, L+T] replicated."""
         c, pl = self.cfg, self.placement
-        R = batch["input_ids"].shape[0]
-        p_np = self.thresholds(R // c.group_size, step)
-        # Host copies (gathered from every process's devices when the run spans several).
-        out = to_host_tree(self.rollout(state.params, batch, rng, p_np))
-        sel_rng = jax.random.split(rng)[0]  # the selection key generate() used in its prefill
-        tokens, mask = np.asarray(out.tokens_BT), np.asarray(out.mask_BT)
-        responses = self.decode(tokens, mask)
-        ratio_R = np.asarray(out.token_ratio_B)
-        rewards, adv_R = self.score(batch, responses, ratio_R)
-
-        seq, L = self.sequences(batch, out)
-        vision, grids = vision_arrays(batch)
+        R = seq["ids"].shape[0]
         host_rows = {"ids": seq["ids"], "mask": seq["mask"], "adv": adv_R.astype(np.float32),
                      "p": np.ones(R, np.float32) if p_np is None else p_np.astype(np.float32),
                      "rollout_logp": np.asarray(out.logprobs_BT, np.float32)}
@@ -279,13 +295,15 @@ class GRPOLearner:
             host_rows["keep"] = np.asarray(out.keep_BYL, bool)  # [R, Y, L]: the sampler's kept prompt keys
         if c.pathwise:
             host_rows["path_w"] = path_weights(rewards["accuracy"], c.group_size, c.path_weight)
-        rows = put_rows(pl, host_rows)
-        pos = jax.device_put(seq["pos"], pl.replicated)
-        vision = pl.replicate(vision)
-        seq_d = {"ids": rows["ids"], "mask": rows["mask"], "pos": pos}
+        rows = pl.put_rows(host_rows)
+        seq_d = {"ids": rows["ids"], "mask": rows["mask"], "pos": jax.device_put(seq["pos"], pl.replicated)}
         if "keep" in rows:
             seq_d["keep"] = rows["keep"]
-        sel_rng = replicate(pl, sel_rng)
+        return seq_d, rows
+
+    def update(self, state: TrainState, ref_params, seq_d: dict, rows: dict, vision, sel_rng, *, grids, L: int):
+        """The reference (and with mu > 1 old-policy) log-probs, then `mu` optimizer steps."""
+        c, pl = self.cfg, self.placement
         static = dict(graphdef=self.graphdef, grids=grids, sparsity=c.sparsity if c.sparse else None, L=L,
                       temperature=c.sampling.temperature)
         ref_logp = None
@@ -295,9 +313,8 @@ class GRPOLearner:
         old_logp = None
         if c.mu > 1:
             old_logp = pl.jit(_logprobs_only, state.params, seq_d, vision, rows["p"], sel_rng, static=static)
-        upd_static = dict(static, tx=self.tx, loss_kw=dict(beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high),
-                          grad_accum=c.grad_accum, aggregation=c.aggregation)
-        upd_static["loss_kw"] = tuple(sorted(upd_static["loss_kw"].items()))
+        upd_static = dict(static, tx=self.tx, grad_accum=c.grad_accum, aggregation=c.aggregation,
+                          loss_kw=(("beta", c.beta), ("eps_high", c.eps_high), ("eps_low", c.eps_low)))
         if c.pathwise:
             upd_static["path_kw"] = (("lambda_path", c.lambda_path), ("temperature", c.path_temperature))
         metrics = {}
@@ -305,21 +322,39 @@ class GRPOLearner:
             state, metrics = pl.jit(_update_static_kw, state, seq_d, vision, rows["p"], sel_rng, rows["adv"], old_logp,
                                     ref_logp, rows["rollout_logp"], rows.get("path_w"), static=upd_static,
                                     out_shardings=(self.state_shardings, pl.replicated), donate=(0,))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        lengths = mask.sum(axis=1)
-        metrics.update(reward=float(rewards["total"].mean()), accuracy=float(rewards["accuracy"].mean()),
-                       efficiency=float(rewards["efficiency"].mean()), gate=float(rewards["gate"].mean()),
-                       token_ratio=float(ratio_R.mean()), response_length=float(lengths.mean()),
-                       finished=float(np.asarray(out.finished_B).mean()),
-                       adv_abs=float(np.abs(adv_R).mean()),
-                       # decode KV-cache slots held vs a whole-prompt cache (prompt + new tokens)
-                       kv_fraction=float(out.kv_capacity / seq["ids"].shape[1]))
-        for name, _ in c.extra_rewards:
-            metrics[f"reward_{name}"] = float(rewards[name].mean())
-        layer_ratio = np.asarray(out.layer_ratio_BY).mean(axis=0)
-        for y, r in enumerate(layer_ratio):
-            metrics[f"layer_ratio/{y}"] = float(r)
+        return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def step(self, state: TrainState, ref_params, batch: dict, rng, *, step: int = 0):
+        c = self.cfg
+        p_np = self.thresholds(batch["input_ids"].shape[0] // c.group_size, step)
+        # Host copies (gathered from every process's devices when the run spans several).
+        out = to_host_tree(self.rollout(state.params, batch, rng, p_np))
+        sel_rng, _ = rollout_keys(rng)  # the selection key generate() used in its prefill
+        responses = self.decode(np.asarray(out.tokens_BT), np.asarray(out.mask_BT))
+        rewards, adv_R = self.score(batch, responses, np.asarray(out.token_ratio_B))
+        seq, L = self.sequences(batch, out)
+        vision, grids = vision_arrays(batch)
+        seq_d, rows = self.place(out, seq, adv_R, p_np, rewards)
+        state, metrics = self.update(state, ref_params, seq_d, rows, self.placement.replicate(vision),
+                                     self.placement.replicate(sel_rng), grids=grids, L=L)
+        metrics.update(rollout_metrics(out, rewards, adv_R, c.extra_rewards, total_len=seq["ids"].shape[1]))
         return state, metrics, {"responses": responses, "rewards": rewards}
+
+
+def rollout_metrics(out, rewards: dict, adv_R: np.ndarray, extra_rewards, *, total_len: int) -> dict[str, float]:
+    """Host metrics of one rollout batch: rewards, token ratios (mean and per layer), lengths."""
+    metrics = dict(reward=float(rewards["total"].mean()), accuracy=float(rewards["accuracy"].mean()),
+                   efficiency=float(rewards["efficiency"].mean()), gate=float(rewards["gate"].mean()),
+                   token_ratio=float(np.asarray(out.token_ratio_B).mean()),
+                   response_length=float(np.asarray(out.mask_BT).sum(axis=1).mean()),
+                   finished=float(np.asarray(out.finished_B).mean()), adv_abs=float(np.abs(adv_R).mean()),
+                   # decode KV-cache slots held vs a whole-prompt cache (prompt + new tokens)
+                   kv_fraction=float(out.kv_capacity / total_len))
+    for name, _ in extra_rewards:
+        metrics[f"reward_{name}"] = float(rewards[name].mean())
+    for y, r in enumerate(np.asarray(out.layer_ratio_BY).mean(axis=0)):
+        metrics[f"layer_ratio/{y}"] = float(r)
+    return metrics
 
 
 def _update_static_kw(state, seq, vision, p_R, sel_rng, adv_R, old_logp, ref_logp, rollout_logp, path_w=None, *,
