@@ -358,3 +358,23 @@ def test_cli_run_directory_to_tables_and_pictures(env, tmp_path, capsys):
     assert "| after | builtin(all) | top-p 0.6 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _cli().parse_args([str(run), "--settings", "topp:2"])
+
+
+@pytest.mark.parametrize("p", [None, 0.6])
+def test_measured_prefill_is_the_rollouts_own_program(env, p, monkeypatch):
+    """The harness times the prefill program `generate` itself runs (one program, no extra
+    compile), so decode time = generate time - prefill time compares like with like."""
+    from zipr1_jax.rl import rollout  # noqa: PLC0415
+    from zipr1_jax.train.greedy_eval import model_inputs, run_generate  # noqa: PLC0415
+
+    cfg = harness.HarnessConfig(max_new_tokens=T_NEW, eos_ids=EOS, pad_id=PAD, progress="none")
+    x = model_inputs(env["model"], next(iter(env["loader"])))
+    p_B = None if p is None else np.full((x["ids"].shape[0],), p, np.float32)
+    key = jax.random.key(0)
+    run_generate(env["model"], x, key, p_B, cfg.sampling, SPARSITY)
+    program, calls = rollout._prefill_jit, []
+    compiled = program._cache_size()
+    monkeypatch.setattr(rollout, "_prefill_jit", lambda *a, **k: calls.append(1) or program(*a, **k))
+    logits, cache, *_ = harness._run_prefill(env["model"], x, key, p_B, cfg, SPARSITY)
+    assert calls == [1] and program._cache_size() == compiled  # generate's program, already compiled
+    assert logits.shape == (x["ids"].shape[0], env["cfg"].text.vocab_size)

@@ -12,8 +12,8 @@ dense layers 1, docs/method.md 1.6); prefill and decode time; KV-cache bytes of 
 pruning (and dense, for the ratio).
 
 Timing: the first batch of each (set, setting) runs once untimed first (`warmup`: the compile);
-then generate is timed per batch with `block_until_ready`. Prefill time comes from a separately
-jitted prefill of the same batch (`measure_prefill`, one extra compile per setting kind); decode
+then generate is timed per batch with `block_until_ready`. Prefill time comes from running the
+rollout's own prefill program again on the same batch (`measure_prefill`; no extra compile); decode
 time = generate time - prefill time. The loop itself (batch keys fold_in(key(seed), i), decoding,
 verification) is the trainer's (`train.greedy_eval.decode_batches`), so dense / top-p results equal
 the trainer's eval.
@@ -38,7 +38,7 @@ from flax import nnx
 
 from zipr1_jax.eval.methods import Setting, TopPRule, bind, check_settings
 from zipr1_jax.kernels.sparse_attention import SparsityConfig
-from zipr1_jax.rl.rollout import SamplingConfig, rollout_keys
+from zipr1_jax.rl.rollout import SamplingConfig, prefill_program, rollout_keys
 from zipr1_jax.train.greedy_eval import batch_key, decode_batches, model_inputs, run_generate
 from zipr1_jax.train.metrics import PROGRESS
 
@@ -134,32 +134,13 @@ class SettingResult:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# ---------------------------------------------------------------------- jitted prefill (timing only)
-def _prefill_impl(graphdef, state, ids, mask, pos, deltas, p_B, rng, pixel_values, pixel_values_videos, *,
-                  image_grid, video_grid, capacity, sparsity):
-    model = nnx.merge(graphdef, state)
-    vision = dict(pixel_values=pixel_values, image_grid_thw=None if image_grid is None else np.asarray(image_grid),
-                  pixel_values_videos=pixel_values_videos,
-                  video_grid_thw=None if video_grid is None else np.asarray(video_grid))
-    rng_select, _ = rollout_keys(rng)  # the key the rollout's prefill uses
-    if p_B is None:
-        return model.prefill(ids, capacity=capacity, attention_mask_BL=mask, position_ids_3BL=pos,
-                             rope_deltas_B=deltas, **vision)[:2]
-    logits, cache, _ = model.sparse_prefill(ids, capacity=capacity, attention_mask_BL=mask, position_ids_3BL=pos,
-                                            rope_deltas_B=deltas, p_B=p_B, rng=rng_select, sparsity=sparsity, **vision)
-    return logits, cache  # the cache is an output: its compaction is part of the measured work
-
-
-_prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid", "video_grid", "capacity", "sparsity"))
-
-
 def _run_prefill(model, x: dict, key, p_B, config: HarnessConfig, sparsity):
-    graphdef, state = nnx.split(model)
-    opt = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
-    out = _prefill_jit(graphdef, state, jnp.asarray(x["ids"], jnp.int32), jnp.asarray(x["mask"], jnp.int32),
-                       jnp.asarray(x["pos"]), jnp.asarray(x["deltas"]), opt(p_B), key, opt(x["pixel_values"]),
-                       opt(x["pixel_values_videos"]), image_grid=x["image_grid"], video_grid=x["video_grid"],
-                       capacity=x["ids"].shape[1] + config.max_new_tokens, sparsity=sparsity)
+    """The rollout's own prefill program on the same inputs (timing only; the cache is an output,
+    so its compaction is part of the measured work)."""
+    out = prefill_program(model, x["ids"], x["mask"], x["pos"], x["deltas"], p_B, key,
+                          pixel_values=x["pixel_values"], pixel_values_videos=x["pixel_values_videos"],
+                          image_grid=x["image_grid"], video_grid=x["video_grid"],
+                          max_new_tokens=config.max_new_tokens, sparsity=sparsity)
     return jax.block_until_ready(out)
 
 

@@ -287,6 +287,22 @@ def _decode_impl(graphdef, state, logits_BV, cache, mask_BL, deltas_B, rng, *, c
 
 _prefill_jit = jax.jit(_prefill_impl, static_argnames=("graphdef", "image_grid", "video_grid", "sparsity",
                                                      "capacity"))
+
+
+def prefill_program(model: nnx.Module, ids_BL, mask_BL, pos_3BL, deltas_B, p_B, rng, *, pixel_values=None,
+                    pixel_values_videos=None, image_grid=None, video_grid=None, max_new_tokens: int, sparsity=None):
+    """The jitted prompt pass exactly as `generate` runs it (same program, same cache-size rule:
+    L + T slots dense, L sparse before the cut), for callers that time it (the eval harness)."""
+    graphdef, state = nnx.split(model)
+    L = ids_BL.shape[1]
+    opt = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
+    mask_BL = jnp.asarray(mask_BL).astype(jnp.int32)  # as generate() passes it: the same compiled program
+    return _prefill_jit(graphdef, state, jnp.asarray(ids_BL, jnp.int32), mask_BL, jnp.asarray(pos_3BL, jnp.int32),
+                        jnp.asarray(deltas_B, jnp.int32), None if p_B is None else jnp.asarray(p_B, jnp.float32), rng, opt(pixel_values), opt(pixel_values_videos),
+                        image_grid=_static_grid(image_grid), video_grid=_static_grid(video_grid),
+                        capacity=L if p_B is not None else L + max_new_tokens, sparsity=sparsity)
+
+
 # A program of its own: the prompt-sized cache is released before the decode starts, so only the
 # pruned one is alive while decoding.
 _resize_jit = jax.jit(_resize, static_argnames=("capacity",))
