@@ -362,7 +362,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_section(result: dict, args, path: str | None = None, note: str = "") -> str:
-    cfg, v, t = result["config"], result["versions"], result["config"].text
+    v, t = result["versions"], result["config"].text
     cmd = (f"bash benchmarks/setup_easydel_venv.sh /work/easydel_venv && "
            f"ZIPR1_EASYDEL_PYTHON=/work/easydel_venv/bin/python nice -n 10 python benchmarks/easydel_vs_ours.py "
            f"--batch {args.batch} --prompt {args.prompt} --new {args.new} --repeats {args.repeats} --write-md")
@@ -397,7 +397,7 @@ def write_section(result: dict, args, path: str | None = None, note: str = "") -
             "cast to bf16 in `get_frequencies`; a gap at position 0 was not traced further); greedy tokens agree. "
             "EasyDeL runs in its own venv (jax 0.9.2: its ejkernel pin needs jax~=0.9.0), so the two sides also "
             "differ in XLA version. Not measured: a GRPO step with EasyDeL's `GRPOTrainer` (it is pure JAX and "
-            "might run on CPU, but wiring its dataset / EasyDeLState / trainer arguments was not attempted).{note}\n")
+            f"might run on CPU, but wiring its dataset / EasyDeLState / trainer arguments was not attempted).{note}\n")
     return replace_section(SECTION, body, path)
 
 
