@@ -23,28 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_model import bench_config  # noqa: E402
 from _markdown import replace_section  # noqa: E402
 
-from zipr1_jax.models.qwen_vl import config as C  # noqa: E402
 from zipr1_jax.models.qwen_vl.cache import KVCache  # noqa: E402
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration  # noqa: E402
 
 SECTION = "## Decode step vs its memory roofline"
-
-
-def bench_config(*, hidden: int, layers: int, vocab: int) -> C.QwenVLConfig:
-    """The rollout benchmark's tiny Qwen2-VL (4 q heads / 2 kv heads), without importing torch."""
-    half = hidden // 4 // 2
-    side = 3 * half // 8
-    text = C.TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                        mrope_section=(half - 2 * side, side, side), max_position_embeddings=4096)
-    vision = C.VisionConfig(family="qwen2_vl", depth=2, hidden_size=64, num_heads=2, intermediate_size=256,
-                            out_hidden_size=hidden, hidden_act="quick_gelu")
-    top = vocab - 7
-    return C.QwenVLConfig(family="qwen2_vl", text=text, vision=vision, image_token_id=top,
-                          video_token_id=top + 1, vision_start_token_id=top + 2, vision_end_token_id=top + 3,
-                          bos_token_id=top + 4, eos_token_id=top + 5, pad_token_id=top + 6, name="bench_qwen2_vl")
 
 
 def step_bytes(model, batch: int, capacity: int) -> dict[str, int]:

@@ -48,6 +48,7 @@ from zipr1_jax.models.qwen_vl import config as C  # noqa: E402
 from zipr1_jax.models.qwen_vl.loader import from_hf_state_dict  # noqa: E402
 from zipr1_jax.rl.rollout import SPARSE_PREFILL_METHOD, SamplingConfig, generate  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
+from _bench_model import bench_config  # noqa: E402, F401 (used here and by the other benchmarks as rb.bench_config)
 from _markdown import replace_section  # noqa: E402
 
 SECTION = "## Rollout throughput vs Hugging Face generate"
@@ -71,21 +72,6 @@ NOTE = ("Reading: CPU timings of a TINY model, so they measure per-token overhea
 
 
 # ---------------------------------------------------------------------- model + prompts
-def bench_config(*, hidden: int, layers: int, vocab: int) -> C.QwenVLConfig:
-    """A tiny Qwen2-VL: 4 query heads / 2 KV heads, special ids at the top of the vocabulary."""
-    half = hidden // 4 // 2  # head_dim / 2, split over (t, h, w) like the real 16/24/24
-    side = 3 * half // 8
-    text = C.TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                        mrope_section=(half - 2 * side, side, side), max_position_embeddings=4096)
-    vision = C.VisionConfig(family="qwen2_vl", depth=2, hidden_size=64, num_heads=2, intermediate_size=256,
-                            out_hidden_size=hidden, hidden_act="quick_gelu")
-    top = vocab - 7
-    return C.QwenVLConfig(family="qwen2_vl", text=text, vision=vision, image_token_id=top,
-                          video_token_id=top + 1, vision_start_token_id=top + 2, vision_end_token_id=top + 3,
-                          bos_token_id=top + 4, eos_token_id=top + 5, pad_token_id=top + 6, name="bench_qwen2_vl")
-
-
 @torch.no_grad()
 def random_hf_model(cfg: C.QwenVLConfig, seed: int) -> transformers.Qwen2VLForConditionalGeneration:
     """HF model with O(1)-scale random weights: HF's 0.02 init gives near-uniform logits, where greedy
