@@ -19,7 +19,7 @@ from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, 
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
 from zipr1_jax.models.qwen_vl.sparse import SparseMixin
-from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm, slice_positions
+from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm, TokenLinear, slice_positions
 from zipr1_jax.models.qwen_vl.vision import VisionTower
 from zipr1_jax.sharding.logical import constrain, param_axes
 
@@ -55,9 +55,9 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
                                     for _ in range(t.num_hidden_layers)])
             self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pdtype)
             if not t.tie_word_embeddings:
-                self.lm_head = nnx.Linear(t.hidden_size, t.vocab_size, use_bias=False, dtype=dtype,
-                                          param_dtype=pdtype, kernel_init=param_axes(DEFAULT_INIT, ("embed", "vocab")),
-                                          rngs=rngs)
+                self.lm_head = TokenLinear(t.hidden_size, t.vocab_size, use_bias=False, dtype=dtype,
+                                           param_dtype=pdtype, kernel_init=param_axes(DEFAULT_INIT, ("embed", "vocab")),
+                                           rngs=rngs)
 
     # ------------------------------------------------------------------ pieces
     def _logits(self, h_BLD: jax.Array) -> jax.Array:
