@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from zipr1_jax.models.qwen_vl import config as C
 
 
@@ -18,3 +20,10 @@ def bench_config(*, hidden: int, layers: int, vocab: int) -> C.QwenVLConfig:
     return C.QwenVLConfig(family="qwen2_vl", text=text, vision=vision, image_token_id=top,
                           video_token_id=top + 1, vision_start_token_id=top + 2, vision_end_token_id=top + 3,
                           bos_token_id=top + 4, eos_token_id=top + 5, pad_token_id=top + 6, name="bench_qwen2_vl")
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--hidden / --layers / --vocab of `bench_config` (defaults: the BENCHMARKS.md tiny model)."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 
@@ -27,3 +28,9 @@ def replace_section(heading: str, body: str, path: str | None = None) -> str:
         f.write(text)
     print(f"wrote {path}")
     return path
+
+
+def add_md_args(ap: argparse.ArgumentParser) -> None:
+    """--write-md (replace the script's section of BENCHMARKS.md) and the tests' hidden --md-path."""
+    ap.add_argument("--write-md", action="store_true")
+    ap.add_argument("--md-path", default=None, help=argparse.SUPPRESS)

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_model import bench_config  # noqa: E402
-from _markdown import replace_section  # noqa: E402
+from _bench_model import add_model_args, bench_config  # noqa: E402
+from _markdown import add_md_args, replace_section  # noqa: E402
 
 from zipr1_jax.models.qwen_vl.cache import KVCache  # noqa: E402
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration  # noqa: E402
@@ -145,12 +145,9 @@ def parse_args(argv=None):
     ap.add_argument("--keep", type=float, default=0.4, help="kept fraction of the prompt in the pruned cache")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed call")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--copy-mb", type=int, default=256)
-    ap.add_argument("--write-md", action="store_true")
-    ap.add_argument("--md-path", default=None, help=argparse.SUPPRESS)
+    add_model_args(ap)
+    add_md_args(ap)
     return ap.parse_args(argv)
 
 

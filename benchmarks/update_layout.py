@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_model import bench_config  # noqa: E402
-from _markdown import replace_section  # noqa: E402
+from _bench_model import add_model_args, bench_config  # noqa: E402
+from _markdown import add_md_args, replace_section  # noqa: E402
 
 from zipr1_jax.models.qwen_vl import text as text_module  # noqa: E402
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration  # noqa: E402
@@ -143,12 +143,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--matmul-n", type=int, default=1024)
-    ap.add_argument("--write-md", action="store_true")
-    ap.add_argument("--md-path", default=None, help=argparse.SUPPRESS)
+    add_model_args(ap)
+    add_md_args(ap)
     return ap.parse_args(argv)
 
 
