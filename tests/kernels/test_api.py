@@ -144,7 +144,8 @@ def decode_oracle(q, k, v, length):
 
 
 @pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("kwargs", [{}, dict(capacity=24), dict(capacity_buckets=(0.25, 0.5, 1.0))])
+@pytest.mark.parametrize("kwargs", [{}, dict(capacity=24), dict(capacity_buckets=(0.25, 0.5, 1.0)),
+                                    dict(model_numerics=True), dict(model_numerics=True, capacity=24)])
 def test_decode_matches_oracle_and_never_reads_past_length(T, kwargs):
     r = np.random.default_rng(T)
     B, S, N, K, H = 3, 32, 4, 2, 8

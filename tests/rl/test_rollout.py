@@ -10,7 +10,8 @@ from flax import nnx
 from zipr1_jax.models.qwen_vl import config as C
 from zipr1_jax.models.qwen_vl.model import QwenVLForConditionalGeneration
 from zipr1_jax.rl.losses import token_logprobs_from_logits as token_logprobs
-from zipr1_jax.rl.rollout import RolloutError, SamplingConfig, filter_logits, generate, sample_logits
+from zipr1_jax.rl.rollout import (RolloutError, SamplingConfig, filter_logits, first_argmax, generate,
+                                  sample_logits)
 
 TOL = 1e-4  # end-to-end fp32 tolerance (log-probs: cached decode vs full forward)
 T_NEW = 7
@@ -150,6 +151,25 @@ def test_sample_logits_distribution_and_greedy():
     _, lp2 = sample_logits(logits, jax.random.key(0), temperature=2.0, top_k=1)
     want = np.log(np.sqrt(0.5) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum())
     assert float(lp2[0]) == pytest.approx(want, rel=1e-5)
+
+
+def test_first_argmax_equals_argmax():
+    x = np.array(jax.random.normal(jax.random.key(3), (64, 50)), np.float32)
+    x[0, [4, 9]] = 9.0  # a tie: the first index wins
+    x[1, :] = -np.inf  # all -inf: index 0, like jnp.argmax
+    x[2, [7, 30]] = np.nan  # NaN counts as the maximum (the first one)
+    x[3, 11], x[3, 40] = np.inf, np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    assert [int(i) for i in first_argmax(jnp.asarray(x[:4]))] == [4, 0, 7, 11]
+
+
+def test_sampling_draws_what_categorical_draws():
+    # sample_logits spells out jax.random.categorical's Gumbel rule: the same key gives the same tokens.
+    logits = jax.random.normal(jax.random.key(5), (32, 300)) * 3.0
+    for i in range(5):
+        key = jax.random.key(i)
+        tok, _ = sample_logits(logits, key, temperature=1.0)
+        np.testing.assert_array_equal(np.asarray(tok), np.asarray(jax.random.categorical(key, logits, axis=-1)))
 
 
 def test_bad_inputs(tiny):

@@ -3,7 +3,8 @@
 The cache holds each row's valid entries at the FRONT: `length_B` slots (kept prefill tokens
 compacted + generated tokens). The T new tokens already sit at slots [length - T, length) and
 are causal among themselves; no slot >= length is ever read into the result (xla path: such
-keys are zeroed and masked, so even NaN garbage there cannot leak). Optional static capacity
+slots' scores are masked and their values zeroed, so even NaN garbage there cannot leak; the
+matmuls read the cache in its stored layout, see `_decode_xla`). Optional static capacity
 (or capacity buckets chosen with lax.switch on max(length)) slices the cache so the work scales
 with the pruned length rather than the allocated S.
 
@@ -15,13 +16,15 @@ H100 compiles). The xla path slices, and XLA fuses that slice into the attention
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from zipr1_jax.kernels.sparse_attention.api import (_pallas_entry, bucket_sizes, resolve_backend,
                                                     run_bucketed)
 from zipr1_jax.kernels.sparse_attention.config import validate_buckets
 from zipr1_jax.kernels.sparse_attention.pallas_common import layer_view
-from zipr1_jax.kernels.sparse_attention.reference import attend_compact_reference
+from zipr1_jax.kernels.sparse_attention.reference import masked_softmax
 from zipr1_jax.typing import Array, Float, Int
 
 
@@ -84,10 +87,8 @@ def decode_attention(q_BTNH: Float[Array, "B T N H"], k_cache_BSKH: Float[Array,
     q_pos_BT = length_B[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
 
     def run(C, q, k, v, length):
-        k_pos = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C))
-        return attend_compact_reference(q, k[:, :C], v[:, :C], q_pos_BT, k_pos, jnp.minimum(length, C),
-                                        sm_scale=sm_scale, empty_rows="uniform" if model_numerics else "zero",
-                                        float32=not model_numerics)
+        return _decode_xla(q, k[:, :C], v[:, :C], q_pos_BT, jnp.minimum(length, C), sm_scale=sm_scale,
+                           model_numerics=model_numerics)
 
     operands = (q_BTNH, k_cache_BSKH, v_cache_BSKH, length_B)
     if capacity is not None:
@@ -97,3 +98,47 @@ def decode_attention(q_BTNH: Float[Array, "B T N H"], k_cache_BSKH: Float[Array,
     validate_buckets(tuple(capacity_buckets), "capacity_buckets")
     sizes = tuple(t for t in bucket_sizes(S, capacity_buckets) if t >= T)
     return run_bucketed(run, jnp.max(length_B), sizes or (S,), *operands)
+
+
+def _decode_xla(q_BTNH: Float[Array, "B T N H"], k_BSKH: Float[Array, "B S K H"], v_BSKH: Float[Array, "B S K H"],
+                q_pos_BT: Int[Array, "B T"], length_B: Int[Array, "B"], *, sm_scale: float | None,
+                model_numerics: bool) -> Float[Array, "B T N H"]:
+    """`attend_compact_reference` over slots [0, length) (k_pos = slot index), arranged so both
+    matmuls read the cache in its stored [B, S, K*H] layout.
+
+    Why: the reference's GQA einsums batch over (b, k), so XLA's CPU backend first transposes the
+    whole [B, S, K, H] cache of every layer into [B, K, ...] on every decode step - that copy
+    cost more than the attention itself. Here the queries are spread into a block-diagonal
+    [B, T*N, K*H] matrix (query head n's H entries in kv head n // G's columns, zeros elsewhere),
+    so scores = Q @ k^T and values = a @ v are batched over b only and contract over the cache's
+    own minor axis (scores) or its slot axis (values); the K-fold extra multiply-adds by zero are
+    cheap next to the cache read, which decode is bound by. Same masking and softmax
+    (`masked_softmax`) and the same float32 / model-numerics rules as the reference.
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    scale = 1.0 / math.sqrt(H) if sm_scale is None else float(sm_scale)
+    live_BS = jnp.arange(S, dtype=jnp.int32)[None, :] < length_B[:, None]
+    # Garbage (even NaN) past length cannot leak: its scores are replaced by the mask below, and
+    # its values are zeroed (a probability of 0 times NaN would still be NaN).
+    k_BSC = k_BSKH.reshape(B, S, K * H)
+    v_BSC = jnp.where(live_BS[:, :, None, None], v_BSKH, 0).reshape(B, S, K * H)
+    mask_BTS = live_BS[:, None, :] & (jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_pos_BT[:, :, None])
+    # where, not a multiply by the identity: exact under any matmul precision (TF32 included).
+    diag_11K1K1 = jnp.eye(K, dtype=bool)[None, None, :, None, :, None]
+    q_BRC = jnp.where(diag_11K1K1, q_BTNH.reshape(B, T, K, G, 1, H), 0).reshape(B, T * N, K * H)
+    if model_numerics:  # the dense layers' numerics: float32 scores, probabilities in v's dtype
+        s_BRS = jnp.einsum("brc,bsc->brs", q_BRC, k_BSC, preferred_element_type=jnp.float32)
+    else:
+        q_BRC, k_BSC, v_BSC = (x.astype(jnp.float32) for x in (q_BRC, k_BSC, v_BSC))
+        s_BRS = jnp.einsum("brc,bsc->brs", q_BRC, k_BSC, precision="highest")
+    s_BTNS = s_BRS.astype(jnp.float32).reshape(B, T, N, S) * scale
+    a_BRS = masked_softmax(s_BTNS, mask_BTS[:, :, None, :], "uniform" if model_numerics else "zero").reshape(B, T * N, S)
+    if model_numerics:
+        o_BRC = jnp.einsum("brs,bsc->brc", a_BRS.astype(v_BSC.dtype), v_BSC)
+    else:
+        o_BRC = jnp.einsum("brs,bsc->brc", a_BRS, v_BSC, precision="highest")
+    # Each query head keeps the H columns of its own kv head (the block diagonal again).
+    o_BTKGH = jnp.where(diag_11K1K1, o_BRC.reshape(B, T, K, G, K, H), 0).sum(axis=4)
+    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype if not model_numerics else v_BSKH.dtype)

@@ -46,6 +46,25 @@ def check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B):
 EMPTY_ROWS = ("zero", "uniform")
 
 
+def masked_softmax(s: Float[Array, "... T"], mask: Bool[Array, "... T"] | None, empty_rows: str) -> Float[Array, "... T"]:
+    """Float32 softmax over the last axis of scores `s`, keys where `mask` is False excluded.
+
+    empty_rows (a row whose mask is all False): "zero" gives exactly 0 with finite gradients;
+    "uniform" gives 1 / T everywhere (what a softmax over all-masked scores gives). `mask` must
+    broadcast against `s`; None masks nothing.
+    """
+    if empty_rows == "uniform":
+        if mask is not None:
+            s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+        return jax.nn.softmax(s, axis=-1)
+    mask = jnp.ones(s.shape, bool) if mask is None else jnp.broadcast_to(mask, s.shape)
+    s = jnp.where(mask, s, _MASKED)
+    m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+    e = jnp.where(mask, jnp.exp(s - m), 0.0)
+    den = e.sum(axis=-1, keepdims=True)
+    return e / jnp.where(den > 0, den, 1.0)
+
+
 def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T K H"],
                       v_BTKH: Float[Array, "B T K H"], mask_BLT: Bool[Array, "B L T"] | None, *,
                       sm_scale: float | None = None, empty_rows: str = "zero",
@@ -75,17 +94,7 @@ def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T
     else:
         s = jnp.einsum("blkgh,btkh->bkglt", q_BLKGH, k_BTKH,
                        preferred_element_type=jnp.float32).astype(jnp.float32) * scale
-    if empty_rows == "uniform":
-        if mask_BLT is not None:
-            s = jnp.where(mask_BLT[:, None, None], s, jnp.finfo(jnp.float32).min)
-        a = jax.nn.softmax(s, axis=-1)
-    else:
-        mask = jnp.ones(s.shape, bool) if mask_BLT is None else mask_BLT[:, None, None]
-        s = jnp.where(mask, s, _MASKED)
-        m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
-        e = jnp.where(mask, jnp.exp(s - m), 0.0)
-        den = e.sum(axis=-1, keepdims=True)
-        a = e / jnp.where(den > 0, den, 1.0)
+    a = masked_softmax(s, None if mask_BLT is None else mask_BLT[:, None, None], empty_rows)
     if float32:
         o = jnp.einsum("bkglt,btkh->blkgh", a, v_BTKH, precision="highest")
         return o.reshape(B, L, N, H).astype(q_BLNH.dtype)
