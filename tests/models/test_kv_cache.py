@@ -92,3 +92,23 @@ def test_compact_front_and_mask():
         compact_front(x, valid, 3)
     cache = KVCache.zeros(layers=2, batch=3, capacity=5, kv_heads=2, head_dim=4)
     assert jax.tree.leaves(cache)[0].shape == (2, 3, 5, 2, 4) and cache.length.dtype == jnp.int32
+
+
+def test_layer_with_query_index_equals_full_layer_at_those_positions():
+    # The prefill's last layer computes only the last position's output; any positions must equal
+    # the full layer's output there (keys / values still over all positions, with the mask rows).
+    from zipr1_jax.models.qwen_vl.text import DecoderLayer
+
+    cfg = C.tiny_qwen2_vl()
+    t = cfg.text
+    layer = DecoderLayer(t, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3))
+    B, L = 2, 11
+    x = jax.random.normal(jax.random.key(0), (B, L, t.hidden_size))
+    ang = jax.random.uniform(jax.random.key(1), (B, L, t.head_dim)) * 3.0
+    mask = jnp.tril(jnp.ones((L, L), bool))[None] & (jnp.arange(L)[None, None, :] >= jnp.asarray([0, 4])[:, None, None])
+    full = layer(x, jnp.cos(ang), jnp.sin(ang), mask)
+    idx = jnp.asarray([[10, 3], [10, 7]])
+    got = layer(x, jnp.cos(ang), jnp.sin(ang), mask, query_index_BQ=idx)
+    assert got.shape == (B, 2, t.hidden_size)
+    want = jnp.take_along_axis(full, idx[:, :, None], axis=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0)

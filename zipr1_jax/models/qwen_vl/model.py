@@ -129,12 +129,16 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         return mrope_cos_sin(jnp.asarray(position_ids_3BL), head_dim=t.head_dim, theta=t.rope_theta,
                              mrope_section=t.mrope_section)
 
-    def _stack(self, x_BLD, cos, sin, mask_BLS, *, attend, kv_updates=None, collect=False):
+    def _stack(self, x_BLD, cos, sin, mask_BLS, *, attend, kv_updates=None, collect=False,
+               last_query_index_BQ=None):
+        """The decoder layers, then the final norm. `last_query_index_BQ`: the LAST layer outputs
+        only those positions ([B, Q, D]; see `DecoderLayer`)."""
         hidden = [x_BLD] if collect else None
         attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
         for i, layer in enumerate(self.layers):
             x_BLD = layer(x_BLD, cos, sin, mask_BLS, attend=attends[i],
-                          kv_update=None if kv_updates is None else kv_updates[i])
+                          kv_update=None if kv_updates is None else kv_updates[i],
+                          query_index_BQ=last_query_index_BQ if i == len(self.layers) - 1 else None)
             if collect and i < len(self.layers) - 1:
                 hidden.append(x_BLD)
         h_BLD = self.norm(x_BLD)
@@ -204,15 +208,16 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
             vs.append(compact_front(v_BLKH, valid_BL, capacity))
             return k_BLKH, v_BLKH
 
-        h_BLD, _ = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, kv_updates=[keep] * len(self.layers))
+        # Each row's last valid token (the last column under left padding; any mask works). With
+        # last_only the last layer computes that position's output only (its k / v still all L).
+        last_B1 = jnp.max(jnp.where(valid_BL, jnp.arange(L)[None], 0), axis=1)[:, None] if last_only else None
+        h_BLD, _ = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, kv_updates=[keep] * len(self.layers),
+                               last_query_index_BQ=last_B1)
         n_valid_B = jnp.sum(valid_BL, axis=1).astype(jnp.int32)
         cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs),
                         length=jnp.broadcast_to(n_valid_B[None], (len(self.layers), B)))
         if last_only:
-            # Each row's last valid token (the last column under left padding; any mask works).
-            last_B = jnp.max(jnp.where(valid_BL, jnp.arange(L)[None], 0), axis=1)
-            h_B1D = jnp.take_along_axis(h_BLD, last_B[:, None, None], axis=1)
-            return self._logits(h_B1D)[:, 0], cache, rope_deltas_B
+            return self._logits(h_BLD)[:, 0], cache, rope_deltas_B
         return self._logits(h_BLD), cache, rope_deltas_B
 
     def decode_step(self, input_ids_BT, cache: KVCache, *, rope_deltas_B=None, position_ids_3BT=None,

@@ -52,6 +52,12 @@ def slice_positions(h_BLD: jax.Array, logits_slice: tuple[int, int] | None) -> j
     return h_BLD[:, logits_slice[0]:logits_slice[1]]
 
 
+def take_positions(x_BL_: jax.Array, index_BQ: jax.Array) -> jax.Array:
+    """x[b, index[b, q], ...]: [B, L, ...] -> [B, Q, ...]."""
+    idx = index_BQ.reshape(index_BQ.shape + (1,) * (x_BL_.ndim - 2))
+    return jnp.take_along_axis(x_BL_, idx, axis=1)
+
+
 class RMSNorm(nnx.Module):
     """y = scale * (x / rms(x)); the variance is float32, the result is cast back before scaling."""
 
@@ -106,18 +112,25 @@ class Attention(nnx.Module):
         self.o_proj = _linear(N * H, D, ("heads", "embed"), bias=False, **kw)
 
     def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array, mask_BLS: jax.Array | None,
-                 *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None) -> jax.Array:
+                 *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None,
+                 query_index_BQ: jax.Array | None = None) -> jax.Array:
+        """Outputs [B, L, D]; with `query_index_BQ` ([B, Q] positions) only those positions' queries
+        are computed (keys / values still cover all L): [B, Q, D]."""
         B, L, _ = x_BLD.shape
-        q_BLNH = self.q_proj(x_BLD).reshape(B, L, self.num_heads, self.head_dim)
         k_BLKH = self.k_proj(x_BLD).reshape(B, L, self.num_kv_heads, self.head_dim)
         v_BLKH = self.v_proj(x_BLD).reshape(B, L, self.num_kv_heads, self.head_dim)
-        q_BLNH = constrain(apply_rotary(q_BLNH, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
         k_BLKH = constrain(apply_rotary(k_BLKH, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
         v_BLKH = constrain(v_BLKH, ("batch", "length", "kv_heads", "head_dim"))
+        if query_index_BQ is not None:
+            x_BLD, cos_BLH, sin_BLH = (take_positions(a, query_index_BQ) for a in (x_BLD, cos_BLH, sin_BLH))
+            mask_BLS = None if mask_BLS is None else take_positions(mask_BLS, query_index_BQ)
+        Lq = x_BLD.shape[1]
+        q_BLNH = self.q_proj(x_BLD).reshape(B, Lq, self.num_heads, self.head_dim)
+        q_BLNH = constrain(apply_rotary(q_BLNH, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
         k_BSKH, v_BSKH = (k_BLKH, v_BLKH) if kv_update is None else kv_update(k_BLKH, v_BLKH)
         o_BLNH = (attend or dense_attention)(q_BLNH, k_BSKH, v_BSKH, mask_BLS)
         o_BLNH = constrain(o_BLNH.astype(x_BLD.dtype), ("batch", "length", "heads", "head_dim"))
-        return self.o_proj(o_BLNH.reshape(B, L, self.num_heads * self.head_dim))
+        return self.o_proj(o_BLNH.reshape(B, Lq, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -145,8 +158,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array, mask_BLS: jax.Array | None,
-                 *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None) -> jax.Array:
-        h_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), cos_BLH, sin_BLH, mask_BLS,
-                                       attend=attend, kv_update=kv_update)
+                 *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None,
+                 query_index_BQ: jax.Array | None = None) -> jax.Array:
+        """[B, L, D] -> [B, L, D]; with `query_index_BQ` only those positions' outputs ([B, Q, D]):
+        the prefill's last layer needs every position's keys / values (the cache) but only the last
+        position's output (the logits), which skips that layer's queries, o_proj and MLP elsewhere."""
+        attn_BQD = self.self_attn(self.input_layernorm(x_BLD), cos_BLH, sin_BLH, mask_BLS, attend=attend,
+                                  kv_update=kv_update, query_index_BQ=query_index_BQ)
+        if query_index_BQ is not None:
+            x_BLD = take_positions(x_BLD, query_index_BQ)
+        h_BLD = x_BLD + attn_BQD
         out_BLD = h_BLD + self.mlp(self.post_attention_layernorm(h_BLD))
         return constrain(out_BLD, ("batch", "length", "embed"))
