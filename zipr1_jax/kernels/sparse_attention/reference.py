@@ -44,7 +44,6 @@ def check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B):
 
 
 EMPTY_ROWS = ("zero", "uniform")
-LAYOUTS = ("grouped", "heads")
 
 
 def masked_softmax(s: Float[Array, "... T"], mask: Bool[Array, "... T"] | None, empty_rows: str) -> Float[Array, "... T"]:
@@ -69,7 +68,7 @@ def masked_softmax(s: Float[Array, "... T"], mask: Bool[Array, "... T"] | None, 
 def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T K H"],
                       v_BTKH: Float[Array, "B T K H"], mask_BLT: Bool[Array, "B L T"] | None, *,
                       sm_scale: float | None = None, empty_rows: str = "zero",
-                      float32: bool = True, layout: str | None = None) -> Float[Array, "B L N H"]:
+                      float32: bool = True) -> Float[Array, "B L N H"]:
     """The one softmax-attention core (GQA: query head n uses kv head n // (N / K)); scores are
     float32 in both modes. The dense model layers and every sparse backend's reference use it.
 
@@ -79,12 +78,6 @@ def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T
     float32: True computes everything in float32 at the highest matmul precision (the reference
       the kernels are tested against); False keeps the model's numerics: probabilities cast to the
       values' dtype before the second matmul (bf16 models stay bf16 there, like Hugging Face).
-    layout: how the two matmuls are arranged (same math). "grouped": each kv head's G query heads
-      batched against it (no k/v copies; what XLA lays out well on TPU / GPU). "heads": k / v
-      repeated to one per query head and all operands head-major [B, N, L, H], so XLA's CPU
-      backend runs plain batched matmuls instead of transposing the [B, K, G, L, T] scores
-      (measured on CPU: the prefill attention ~2x faster, its backward ~15%). None: "heads" on
-      CPU, "grouped" elsewhere.
     Returns [B, L, N, H] in q's dtype (float32) / v's dtype (not float32).
     """
     B, L, N, H = q_BLNH.shape
@@ -93,13 +86,7 @@ def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T
         raise ValueError(f"softmax_attention: {N} query heads are not a multiple of {K} kv heads (GQA)")
     if empty_rows not in EMPTY_ROWS:
         raise ValueError(f"softmax_attention: empty_rows must be one of {EMPTY_ROWS}, got {empty_rows!r}")
-    if layout is None:
-        layout = "heads" if jax.default_backend() == "cpu" else "grouped"
-    if layout not in LAYOUTS:
-        raise ValueError(f"softmax_attention: layout must be one of {LAYOUTS}, got {layout!r}")
     scale = 1.0 / math.sqrt(H) if sm_scale is None else float(sm_scale)
-    if layout == "heads":
-        return _attention_heads(q_BLNH, k_BTKH, v_BTKH, mask_BLT, scale, empty_rows, float32)
     q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
     if float32:
         q_BLKGH, k_BTKH, v_BTKH = (x.astype(jnp.float32) for x in (q_BLKGH, k_BTKH, v_BTKH))
@@ -112,26 +99,6 @@ def softmax_attention(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T
         o = jnp.einsum("bkglt,btkh->blkgh", a, v_BTKH, precision="highest")
         return o.reshape(B, L, N, H).astype(q_BLNH.dtype)
     return jnp.einsum("bkglt,btkh->blkgh", a.astype(v_BTKH.dtype), v_BTKH).reshape(B, L, N, H)
-
-
-def _attention_heads(q_BLNH, k_BTKH, v_BTKH, mask_BLT, scale: float, empty_rows: str, float32: bool):
-    """`softmax_attention` with layout="heads": kv heads repeated per query head, head-major."""
-    B, L, N, H = q_BLNH.shape
-    G = N // k_BTKH.shape[2]
-    q_BNLH = q_BLNH.transpose(0, 2, 1, 3)
-    k_BNTH = jnp.repeat(k_BTKH.transpose(0, 2, 1, 3), G, axis=1)  # query head n <- kv head n // G
-    v_BNTH = jnp.repeat(v_BTKH.transpose(0, 2, 1, 3), G, axis=1)
-    if float32:
-        q_BNLH, k_BNTH, v_BNTH = (x.astype(jnp.float32) for x in (q_BNLH, k_BNTH, v_BNTH))
-        s = jnp.einsum("bnlh,bnth->bnlt", q_BNLH, k_BNTH, precision="highest") * scale
-    else:
-        s = jnp.einsum("bnlh,bnth->bnlt", q_BNLH, k_BNTH,
-                       preferred_element_type=jnp.float32).astype(jnp.float32) * scale
-    a = masked_softmax(s, None if mask_BLT is None else mask_BLT[:, None], empty_rows)
-    if float32:
-        o = jnp.einsum("bnlt,bnth->bnlh", a, v_BNTH, precision="highest")
-        return o.transpose(0, 2, 1, 3).astype(q_BLNH.dtype)
-    return jnp.einsum("bnlt,bnth->bnlh", a.astype(v_BNTH.dtype), v_BNTH).transpose(0, 2, 1, 3)
 
 
 def attend_compact_reference(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Array, "B T K H"],
