@@ -108,7 +108,20 @@ def test_layer_with_query_index_equals_full_layer_at_those_positions():
     mask = jnp.tril(jnp.ones((L, L), bool))[None] & (jnp.arange(L)[None, None, :] >= jnp.asarray([0, 4])[:, None, None])
     full = layer(x, jnp.cos(ang), jnp.sin(ang), mask)
     idx = jnp.asarray([[10, 3], [10, 7]])
-    got = layer(x, jnp.cos(ang), jnp.sin(ang), mask, query_index_BQ=idx)
+    got = layer(x, jnp.cos(ang), jnp.sin(ang), mask, queries=idx)
     assert got.shape == (B, 2, t.hidden_size)
     want = jnp.take_along_axis(full, idx[:, :, None], axis=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0)
+    got = layer(x, jnp.cos(ang), jnp.sin(ang), mask, queries=(4, 9))  # a static slice
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full[:, 4:9]), atol=TOL, rtol=0)
+
+
+def test_logits_slice_equals_the_slice_of_all_logits(model):
+    # With logits_slice the last layer runs only the sliced positions' queries.
+    cfg, m = model
+    rng = np.random.default_rng(2)
+    ids, mask = left_pad([text_tokens(rng, 12), text_tokens(rng, 7)], cfg.pad_token_id)
+    full = np.asarray(m(jnp.asarray(ids), attention_mask_BL=jnp.asarray(mask)).logits)
+    got = np.asarray(m(jnp.asarray(ids), attention_mask_BL=jnp.asarray(mask), logits_slice=(5, 11)).logits)
+    assert got.shape == (2, 6, full.shape[-1])
+    np.testing.assert_allclose(got, full[:, 5:11], atol=TOL, rtol=0)

@@ -19,7 +19,8 @@ from zipr1_jax.models.qwen_vl.cache import KVCache, compact_front, decode_mask, 
 from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
 from zipr1_jax.models.qwen_vl.sparse import SparseMixin
-from zipr1_jax.models.qwen_vl.text import DEFAULT_INIT, AttendFn, DecoderLayer, RMSNorm, TokenLinear, slice_positions
+from zipr1_jax.models.qwen_vl.text import (DEFAULT_INIT, AttendFn, DecoderLayer, QueryPositions, RMSNorm, TokenLinear,
+                                          slice_positions)
 from zipr1_jax.models.qwen_vl.vision import VisionTower
 from zipr1_jax.sharding.logical import constrain, param_axes
 
@@ -130,15 +131,18 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
                              mrope_section=t.mrope_section)
 
     def _stack(self, x_BLD, cos, sin, mask_BLS, *, attend, kv_updates=None, collect=False,
-               last_query_index_BQ=None):
-        """The decoder layers, then the final norm. `last_query_index_BQ`: the LAST layer outputs
-        only those positions ([B, Q, D]; see `DecoderLayer`)."""
+               last_queries: QueryPositions | None = None):
+        """The decoder layers, then the final norm. `last_queries`: the LAST layer outputs only
+        those positions ([B, Q, D]; see `DecoderLayer`), when it runs the default attention (a
+        replacement core may rely on seeing every query, e.g. the sparse layers' kept positions)."""
         hidden = [x_BLD] if collect else None
         attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
+        if attends[-1] is not None or collect:
+            last_queries = None
         for i, layer in enumerate(self.layers):
             x_BLD = layer(x_BLD, cos, sin, mask_BLS, attend=attends[i],
                           kv_update=None if kv_updates is None else kv_updates[i],
-                          query_index_BQ=last_query_index_BQ if i == len(self.layers) - 1 else None)
+                          queries=last_queries if i == len(self.layers) - 1 else None)
             if collect and i < len(self.layers) - 1:
                 hidden.append(x_BLD)
         h_BLD = self.norm(x_BLD)
@@ -177,8 +181,12 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         if attention_mask_BL is not None:
             mask_BLS = mask_BLS & (jnp.asarray(attention_mask_BL) > 0)[:, None, :]
         cos, sin = self._rope(position_ids_3BL)
-        h_BLD, hidden = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, collect=return_hidden_states)
-        return ModelOutput(logits=self._logits(slice_positions(h_BLD, logits_slice)), hidden_states=hidden)
+        slice_positions(x_BLD, logits_slice)  # validates the slice
+        h_BLD, hidden = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, collect=return_hidden_states,
+                                    last_queries=logits_slice)
+        if logits_slice is not None and h_BLD.shape[1] == L:  # the last layer ran every position
+            h_BLD = slice_positions(h_BLD, logits_slice)
+        return ModelOutput(logits=self._logits(h_BLD), hidden_states=hidden)
 
     # ------------------------------------------------------------------ KV cache
     def prefill(self, input_ids_BL, *, capacity: int, attention_mask_BL=None, position_ids_3BL=None,
@@ -212,11 +220,13 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         # last_only the last layer computes that position's output only (its k / v still all L).
         last_B1 = jnp.max(jnp.where(valid_BL, jnp.arange(L)[None], 0), axis=1)[:, None] if last_only else None
         h_BLD, _ = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, kv_updates=[keep] * len(self.layers),
-                               last_query_index_BQ=last_B1)
+                               last_queries=last_B1)
         n_valid_B = jnp.sum(valid_BL, axis=1).astype(jnp.int32)
         cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs),
                         length=jnp.broadcast_to(n_valid_B[None], (len(self.layers), B)))
         if last_only:
+            if h_BLD.shape[1] != 1:  # the last layer ran all queries (a replacement attend)
+                h_BLD = jnp.take_along_axis(h_BLD, last_B1[:, :, None], axis=1)
             return self._logits(h_BLD)[:, 0], cache, rope_deltas_B
         return self._logits(h_BLD), cache, rope_deltas_B
 

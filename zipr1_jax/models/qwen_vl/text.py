@@ -52,9 +52,16 @@ def slice_positions(h_BLD: jax.Array, logits_slice: tuple[int, int] | None) -> j
     return h_BLD[:, logits_slice[0]:logits_slice[1]]
 
 
-def take_positions(x_BL_: jax.Array, index_BQ: jax.Array) -> jax.Array:
-    """x[b, index[b, q], ...]: [B, L, ...] -> [B, Q, ...]."""
-    idx = index_BQ.reshape(index_BQ.shape + (1,) * (x_BL_.ndim - 2))
+# Which positions a layer computes outputs for: [B, Q] int positions, or a static (start, stop).
+QueryPositions = jax.Array | tuple[int, int]
+
+
+def take_positions(x_BL_: jax.Array, positions: QueryPositions) -> jax.Array:
+    """x[b, positions[b, q], ...] ([B, L, ...] -> [B, Q, ...]), or x[:, start:stop] for a static
+    (start, stop) (a slice: its backward is a pad, not a scatter)."""
+    if isinstance(positions, tuple):
+        return slice_positions(x_BL_, positions)
+    idx = positions.reshape(positions.shape + (1,) * (x_BL_.ndim - 2))
     return jnp.take_along_axis(x_BL_, idx, axis=1)
 
 
@@ -113,17 +120,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array, mask_BLS: jax.Array | None,
                  *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None,
-                 query_index_BQ: jax.Array | None = None) -> jax.Array:
-        """Outputs [B, L, D]; with `query_index_BQ` ([B, Q] positions) only those positions' queries
-        are computed (keys / values still cover all L): [B, Q, D]."""
+                 queries: QueryPositions | None = None) -> jax.Array:
+        """Outputs [B, L, D]; with `queries` only those positions' queries are computed (keys /
+        values still cover all L): [B, Q, D]."""
         B, L, _ = x_BLD.shape
         k_BLKH = self.k_proj(x_BLD).reshape(B, L, self.num_kv_heads, self.head_dim)
         v_BLKH = self.v_proj(x_BLD).reshape(B, L, self.num_kv_heads, self.head_dim)
         k_BLKH = constrain(apply_rotary(k_BLKH, cos_BLH, sin_BLH), ("batch", "length", "kv_heads", "head_dim"))
         v_BLKH = constrain(v_BLKH, ("batch", "length", "kv_heads", "head_dim"))
-        if query_index_BQ is not None:
-            x_BLD, cos_BLH, sin_BLH = (take_positions(a, query_index_BQ) for a in (x_BLD, cos_BLH, sin_BLH))
-            mask_BLS = None if mask_BLS is None else take_positions(mask_BLS, query_index_BQ)
+        if queries is not None:
+            x_BLD, cos_BLH, sin_BLH = (take_positions(a, queries) for a in (x_BLD, cos_BLH, sin_BLH))
+            mask_BLS = None if mask_BLS is None else take_positions(mask_BLS, queries)
         Lq = x_BLD.shape[1]
         q_BLNH = self.q_proj(x_BLD).reshape(B, Lq, self.num_heads, self.head_dim)
         q_BLNH = constrain(apply_rotary(q_BLNH, cos_BLH, sin_BLH), ("batch", "length", "heads", "head_dim"))
@@ -159,14 +166,15 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array, cos_BLH: jax.Array, sin_BLH: jax.Array, mask_BLS: jax.Array | None,
                  *, attend: AttendFn | None = None, kv_update: KVUpdateFn | None = None,
-                 query_index_BQ: jax.Array | None = None) -> jax.Array:
-        """[B, L, D] -> [B, L, D]; with `query_index_BQ` only those positions' outputs ([B, Q, D]):
-        the prefill's last layer needs every position's keys / values (the cache) but only the last
-        position's output (the logits), which skips that layer's queries, o_proj and MLP elsewhere."""
+                 queries: QueryPositions | None = None) -> jax.Array:
+        """[B, L, D] -> [B, L, D]; with `queries` only those positions' outputs ([B, Q, D]):
+        a last layer needs every position's keys / values but only the outputs that become logits
+        (the prefill's last position, the learner's response positions), which skips its queries,
+        o_proj and MLP elsewhere."""
         attn_BQD = self.self_attn(self.input_layernorm(x_BLD), cos_BLH, sin_BLH, mask_BLS, attend=attend,
-                                  kv_update=kv_update, query_index_BQ=query_index_BQ)
-        if query_index_BQ is not None:
-            x_BLD = take_positions(x_BLD, query_index_BQ)
+                                  kv_update=kv_update, queries=queries)
+        if queries is not None:
+            x_BLD = take_positions(x_BLD, queries)
         h_BLD = x_BLD + attn_BQD
         out_BLD = h_BLD + self.mlp(self.post_attention_layernorm(h_BLD))
         return constrain(out_BLD, ("batch", "length", "embed"))
