@@ -110,8 +110,8 @@ def attend_compact_reference(q_BLNH: Float[Array, "B L N H"], k_BTKH: Float[Arra
 
     Keys at slots >= k_count are zeroed before use so garbage (even NaN) there cannot leak.
     Output dtype = q dtype; arithmetic in float32. `empty_rows` / `float32`: as in
-    `softmax_attention` (the defaults are the contract; the model's cached decode on the xla
-    backend passes "uniform" / False, the dense layers' numerics).
+    `softmax_attention` (the defaults are the contract; the xla decode path, `decode._decode_xla`,
+    computes this over the cache's first `length` slots in the cache's own layout).
     """
     check_compact_args(q_BLNH, k_BTKH, v_BTKH, q_pos_BL, k_pos_BT, k_count_B)
     T = k_BTKH.shape[1]
