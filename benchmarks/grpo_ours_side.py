@@ -131,14 +131,28 @@ def ours_runner(cfg, hf_state: dict, batch: dict, args, *, sparse: bool):
     return run
 
 
-def ours_batch(cfg, ids_BL: np.ndarray, mask_BL: np.ndarray, group: int) -> dict:
+def ours_batch(cfg, ids_BL: np.ndarray, mask_BL: np.ndarray, group: int, *, pixel_values=None,
+               image_grid_thw=None) -> dict:
     """The prompt batch as the RL loader gives it: each prompt repeated G times in contiguous rows,
-    M-RoPE ids from the loader's `get_rope_index`, and (unmatchable) answers for the accuracy reward."""
+    M-RoPE ids from the loader's `get_rope_index`, and (unmatchable) answers for the accuracy reward.
+    With images (one per prompt: pixel rows [sum of patches, patch_dim] in prompt order and grids
+    [B, 3]), every row carries its prompt's pixel rows, in row order."""
     from zipr1_jax.models.qwen_vl.rope import get_rope_index
 
     ids_RL, mask_RL = np.repeat(ids_BL, group, axis=0), np.repeat(mask_BL, group, axis=0)
-    pos_3RL, deltas_R = get_rope_index(cfg, ids_RL, mask_RL)
+    vision = {}
+    if image_grid_thw is not None:
+        grid_B3 = np.asarray(image_grid_thw, np.int64)
+        if grid_B3.shape != (ids_BL.shape[0], 3):
+            raise ValueError(f"one image per prompt: grids {grid_B3.shape} for {ids_BL.shape[0]} prompts")
+        bounds = np.concatenate([[0], np.cumsum(grid_B3.prod(axis=1))])
+        if bounds[-1] != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} pixel rows, the grids need {bounds[-1]}")
+        grid_R3 = np.repeat(grid_B3, group, axis=0)
+        pix = [pixel_values[bounds[b]:bounds[b + 1]] for b in range(ids_BL.shape[0]) for _ in range(group)]
+        vision = dict(pixel_values=np.concatenate(pix).astype(np.float32), image_grid_thw=grid_R3)
+    pos_3RL, deltas_R = get_rope_index(cfg, ids_RL, mask_RL, vision.get("image_grid_thw"))
     R = ids_RL.shape[0]
     return dict(input_ids=ids_RL.astype(np.int32), attention_mask=mask_RL.astype(np.int32),
                 position_ids=np.asarray(pos_3RL, np.int32), rope_deltas=np.asarray(deltas_R, np.int32),
-                answer=["<none>"] * R, answer_type=["exact"] * R, choices=[None] * R)
+                answer=["<none>"] * R, answer_type=["exact"] * R, choices=[None] * R, **vision)

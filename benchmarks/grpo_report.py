@@ -62,11 +62,17 @@ NOTE = ("Reading: CPU timings of a TINY model (one step here is ~65 GFLOP: sampl
         "the interleaved rounds keep load changes from favouring one side.\n")
 
 
-VLM_NOTE = ("\nVLM case: not run. TRL 1.16's GRPOTrainer takes images only with conversational prompts (it "
-            "raises ValueError on plain-text prompts with an `image` column) rendered by the processing class's chat "
-            "template, so it needs a full `Qwen2VLProcessor` (image processor + a tokenizer whose vision special "
-            "tokens map to the tiny model's ids + a chat template); this offline benchmark's word-level tokenizer "
-            "has none of these, and building that processor was not attempted yet.\n")
+VLM_NOTE = ("\nVLM case: see 'One GRPO step vs TRL GRPOTrainer, with images' (`--image`).\n")
+IMAGE_NOTE = ("\nImages: TRL's GRPOTrainer takes them only with conversational prompts and an `image` column, "
+              "rendered by a processor's chat template; `grpo_shared.vlm_processor` builds one offline (the word "
+              "tokenizer with Qwen2-VL's vision markers at the tiny model's ids, transformers' Qwen2-VL image "
+              "processor - its PIL backend, since the TRL venv has no torchvision - and a template that renders a "
+              "user turn as its image block then its text). Ours gets the same processor's ids and pixel rows, so "
+              "both sides see identical inputs; the same-objective check runs on them (its gradient includes the "
+              "vision tower). One difference in the sampler: TRL's generate suppresses the image pad token "
+              "(`suppress_tokens`, a logits processor per step); ours does not (its id is never sampled here in "
+              "practice, the reward ignores it).\n")
+SECTION_IMAGE = SECTION + ", with images"
 
 
 def check_note(check: dict | None) -> str:
@@ -94,10 +100,17 @@ def write_section(result: dict, args, path: str | None = None) -> str:
     cmd = (f"bash benchmarks/setup_trl_env.sh /work/trl_venv && ZIPR1_TRL_PYTHON=/work/trl_venv/bin/python "
            f"nice -n 10 python benchmarks/grpo_step_vs_trl.py --prompts {args.prompts} --group {args.group} "
            f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats} --warmup {args.warmup} "
-           f"--threads {','.join(map(str, args.threads))} --write-md")
+           f"--threads {','.join(map(str, args.threads))}{f' --image {args.image}' if args.image else ''} --write-md")
+    n_img = (args.image // 28) ** 2
     trl_v = (f"TRL venv: trl {v.get('trl_venv_trl')}, transformers {v.get('trl_venv_transformers')}, torch "
              f"{v.get('trl_venv_torch')}; " if "trl_venv_trl" in v else "TRL not run; ")
-    body = (f"{SECTION}\n\n"
+    what = (f"{args.prompts} prompts, each one {args.image}x{args.image} px noise image ({n_img} merged tokens "
+            f"after the vision tower's 2x2 merge) then its text (lengths {args.prompt // 2}..{args.prompt} words), "
+            "identical token ids and pixels on both sides" if args.image else
+            f"{args.prompts} TEXT prompts (left padded to {args.prompt}, lengths {args.prompt // 2}..{args.prompt}, "
+            "identical token ids on both sides)")
+    section = SECTION_IMAGE if args.image else SECTION
+    body = (f"{section}\n\n"
             f"Command: `{cmd}` (run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {result['machine']}). "
             f"Versions: {trl_v}project venv: jax {v['jax']}, flax {v['flax']}, transformers {v['transformers']}, "
             f"torch {v['torch']} (torch only builds the shared model).\n"
@@ -105,8 +118,7 @@ def write_section(result: dict, args, path: str | None = None) -> str:
             f"{t.hidden_size}, {t.num_hidden_layers} layers, {t.num_attention_heads} heads / "
             f"{t.num_key_value_heads} KV heads, MLP {t.intermediate_size}, vocab {t.vocab_size}); TRL loads it "
             "with `from_pretrained` (sdpa attention), ours imports the same weights with `from_hf_state_dict`. "
-            f"Step: {args.prompts} TEXT prompts (left padded to {args.prompt}, lengths {args.prompt // 2}.."
-            f"{args.prompt}, identical token ids on both sides) x G = {args.group} sampled completions of exactly "
+            f"Step: {what} x G = {args.group} sampled completions of exactly "
             f"{args.new} tokens (temperature 1, stop id outside the vocabulary), reward = fraction of even token "
             f"words (same function on both sides), advantages A = r - group mean on both sides (ours "
             "`advantage=drgrpo`, TRL `scale_rewards=none`: ours' std is the population one (ddof 0) + 1e-6, TRL's "
@@ -119,7 +131,7 @@ def write_section(result: dict, args, path: str | None = None) -> str:
             "(generate, rewards, reference and policy forwards, backward, clip, optimizer step). First step = "
             f"ours' jit compile + one step / TRL's first step; {_more(args.warmup - 1)}then "
             f"{args.repeats} rounds, one step of every side per round (interleaved), median and min - max "
-            "reported; the ratio column is ours / the faster TRL column, per round (median, min - max). Text prompts "
-            "only (see the VLM note below).\n\n"
-            f"{check_note(result.get('check'))}\n\n{table(result['rows'])}\n\n{NOTE}{VLM_NOTE}")
-    return replace_section(SECTION, body, path)
+            "reported; the ratio column is ours / the faster TRL column, per round (median, min - max).\n\n"
+            f"{check_note(result.get('check'))}\n\n{table(result['rows'])}\n\n{NOTE}"
+            f"{IMAGE_NOTE if args.image else VLM_NOTE}")
+    return replace_section(section, body, path)

@@ -49,6 +49,58 @@ def word_tokenizer(vocab_size: int, pad_id: int):
                                    padding_side="left")
 
 
+# The vision markers of Qwen2-VL's tokenizer, as `bench_config` numbers them (image pad = vocab - 7).
+VISION_TOKENS = {"<|image_pad|>": 0, "<|vision_start|>": 2, "<|vision_end|>": 3}  # offset from vocab - 7
+# A user turn renders as its image blocks then its text; no role markers (the word tokenizer has none).
+CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                 "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}{% endfor %}")
+
+
+def vlm_processor(vocab_size: int, pad_id: int):
+    """A `Qwen2VLProcessor` built offline for the VLM step: the word tokenizer with Qwen2-VL's vision
+    markers as special tokens at the tiny model's ids, transformers' own Qwen2-VL image processor (its PIL backend: no torchvision)
+    (default patch 14, merge 2, temporal patch 2) and a minimal chat template. TRL's GRPOTrainer
+    takes images only through such a processor (conversational prompts + its chat template)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    top = vocab_size - 7
+    special = {name: top + off for name, off in VISION_TOKENS.items()}
+    vocab = {("<pad>" if i == pad_id else f"w{i}"): i for i in range(vocab_size) if i not in special.values()}
+    vocab.update(special)
+    vocab.update({"<eos>": vocab_size, "<unk>": vocab_size + 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left")
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        # Without torchvision transformers has no video processor class, and ProcessorMixin type-checks
+        # every sub-processor named in __init__ (even a None one): this signature names only two.
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id, self.video_token_id = special["<|image_pad|>"], None
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=fast, chat_template=CHAT_TEMPLATE)
+
+
+def conversation(text: str) -> list[dict]:
+    """The VLM prompt of one text prompt: one user turn, an image placeholder then the text (TRL
+    fills the placeholder from the dataset's `image` column)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def noise_images(n: int, side: int, seed: int):
+    """`n` random RGB images of side x side pixels (uint8 noise: PNG keeps them exact)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB") for _ in range(n)]
+
+
 def even_word_reward(text: str) -> float:
     """Fraction of the completion's words "w<i>" with even i: cheap, computed from decoded text on
     both sides alike, and it varies within a group (non-zero advantages)."""

@@ -37,9 +37,11 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
-from grpo_shared import (ADVANTAGE, EPS, HERE, PROTO, SPARSE_P, TRL_SCRIPT, prompt_texts,  # noqa: E402
-                         word_tokenizer, worker_env)
+from grpo_shared import (ADVANTAGE, EPS, HERE, PROTO, SPARSE_P, TRL_SCRIPT, conversation,  # noqa: E402
+                         noise_images, prompt_texts, vlm_processor, word_tokenizer, worker_env)
 from grpo_check import check_objective  # noqa: E402
 from grpo_ours_side import ours_batch, ours_runner  # noqa: E402
 from grpo_report import machine_note, table, write_section  # noqa: E402
@@ -167,6 +169,25 @@ def _trl_python(args) -> str:
     return python
 
 
+def image_prompts(cfg, texts: list[str], images) -> tuple[list[list[int]], np.ndarray, np.ndarray, dict]:
+    """The VLM prompts as TRL's processor renders them (`grpo_shared.vlm_processor`: one image block,
+    then the text): (unpadded ids per prompt, left-padded ids / mask [B, L], our pixel rows + grids)."""
+    proc = vlm_processor(cfg.text.vocab_size, cfg.pad_token_id)
+    convs = [conversation(t) for t in texts]
+    for conv, im in zip(convs, images):
+        conv[0]["content"][0]["image"] = im
+    out = proc.apply_chat_template(conversation=convs, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = [list(map(int, x)) for x in out["input_ids"]]
+    L = max(map(len, ids))
+    ids_BL = np.full((len(ids), L), cfg.pad_token_id, np.int64)
+    mask_BL = np.zeros((len(ids), L), np.int64)
+    for b, row in enumerate(ids):
+        ids_BL[b, L - len(row):], mask_BL[b, L - len(row):] = row, 1
+    vision = dict(pixel_values=np.asarray(out["pixel_values"], np.float32),
+                  image_grid_thw=np.asarray(out["image_grid_thw"], np.int64))
+    return ids, ids_BL, mask_BL, vision
+
+
 def run_bench(args) -> dict:
     import flax
     import jax
@@ -184,7 +205,12 @@ def run_bench(args) -> dict:
     prompt_ids = [[int(i) for i in ids[m > 0]] for ids, m in zip(p["ids"], p["mask"])]
     if word_tokenizer(V, cfg.pad_token_id)(texts)["input_ids"] != prompt_ids:
         raise RuntimeError("the word tokenizer does not give back the prompt ids")
-    batch = ours_batch(cfg, p["ids"], p["mask"], args.group)
+    images = noise_images(args.prompts, args.image, args.seed) if args.image else None
+    if images:
+        prompt_ids, ids_BL, mask_BL, vision = image_prompts(cfg, texts, images)
+        batch = ours_batch(cfg, ids_BL, mask_BL, args.group, **vision)
+    else:
+        batch = ours_batch(cfg, p["ids"], p["mask"], args.group)
     hf_state = hf.state_dict()
     sides = {"zipr1_jax dense": ours_runner(cfg, hf_state, batch, args, sparse=False)}
     if args.sparse:
@@ -199,6 +225,10 @@ def run_bench(args) -> dict:
                 spec = dict(model_dir=model_dir, prompts=texts, prompt_ids=prompt_ids, vocab=V, pad_id=cfg.pad_token_id,
                             group=args.group, new=args.new, beta=args.beta, eps_low=EPS[0], eps_high=EPS[1], lr=args.lr,
                             seed=args.seed, steps=args.warmup + args.repeats, advantage=ADVANTAGE)
+                if images:  # PNG: the worker reads back the exact pixels
+                    spec["images"] = [os.path.join(work, f"image_{i}.png") for i in range(len(images))]
+                    for im, path in zip(images, spec["images"]):
+                        im.save(path)
                 if args.check:
                     print("  checking that both sides compute the same loss and gradient ...", flush=True)
                     check = check_objective(python, spec, cfg, hf, batch, args, work)
@@ -262,6 +292,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image", type=int, default=0, metavar="PX",
+                    help="VLM step: one PX x PX image per prompt, before its text (0: text prompts only)")
     ap.add_argument("--threads", default=None, help="comma-separated torch thread counts, one TRL worker each "
                                                     "(default '<cores>,1')")
     ap.add_argument("--trl-python", default=None, help="python of the TRL venv (else $ZIPR1_TRL_PYTHON)")
@@ -276,6 +308,8 @@ def parse_args(argv=None):
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
         raise SystemExit(f"--group must be >= 2 (GRPO compares completions within a group), got {args.group}")
+    if args.image and (args.image < 56 or args.image % 28):
+        raise SystemExit(f"--image must be a multiple of 28 that is >= 56 (patch 14, merge 2), got {args.image}")
     if args.hidden % 32:
         raise SystemExit(f"--hidden must be a multiple of 32 (4 heads, M-RoPE sections), got {args.hidden}")
     try:

@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts or loaded by path (tests)
-from grpo_shared import PROTO, TRL_SCALE_REWARDS, even_word_reward, word_tokenizer  # noqa: E402
+from grpo_shared import (PROTO, TRL_SCALE_REWARDS, conversation, even_word_reward, vlm_processor,  # noqa: E402
+                         word_tokenizer)
 
 
 def _emit(kind: str, **payload) -> None:
@@ -37,8 +38,17 @@ def _trl_trainer(spec: dict, callbacks=()):
 
     torch.set_num_threads(spec["threads"])
     transformers.logging.set_verbosity_error()
-    tok = word_tokenizer(spec["vocab"], spec["pad_id"])
-    got = [tok(t)["input_ids"] for t in spec["prompts"]]
+    if spec.get("images"):  # the VLM step: conversational prompts + an image column, rendered by a processor
+        tok = vlm_processor(spec["vocab"], spec["pad_id"])
+        rows = _image_rows(spec)
+        convs = [prepare_image(r) for r in rows]
+        got = [list(map(int, x)) for x in tok.apply_chat_template(
+            conversation=convs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
+        data = {"prompt": [r["prompt"] for r in rows], "image": [r["image"] for r in rows]}
+    else:
+        tok = word_tokenizer(spec["vocab"], spec["pad_id"])
+        got = [tok(t)["input_ids"] for t in spec["prompts"]]
+        data = {"prompt": spec["prompts"]}
     if got != spec["prompt_ids"]:
         raise RuntimeError("the TRL side tokenizes the prompts to other ids than ours")
     model = Qwen2VLForConditionalGeneration.from_pretrained(spec["model_dir"], dtype=torch.float32,
@@ -46,7 +56,8 @@ def _trl_trainer(spec: dict, callbacks=()):
     model.generation_config.eos_token_id = spec["vocab"]  # outside the vocabulary: no early stop
 
     def even_words(completions, **_):
-        return [even_word_reward(c) for c in completions]
+        # Conversational prompts (the VLM step) get completions as [{"role": "assistant", "content": text}].
+        return [even_word_reward(c if isinstance(c, str) else c[0]["content"]) for c in completions]
 
     R = len(spec["prompts"]) * spec["group"]
     args = trl.GRPOConfig(
@@ -62,9 +73,25 @@ def _trl_trainer(spec: dict, callbacks=()):
         max_steps=spec["steps"], logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         shuffle_dataset=False, dataloader_num_workers=0, seed=spec["seed"])
     trainer = trl.GRPOTrainer(model=model, reward_funcs=even_words, args=args, processing_class=tok,
-                              train_dataset=datasets.Dataset.from_dict({"prompt": spec["prompts"]}),
+                              train_dataset=datasets.Dataset.from_dict(data),
                               callbacks=list(callbacks))
     return trainer, tok
+
+
+def _image_rows(spec: dict) -> list[dict]:
+    """One dataset row per prompt of the VLM step: {"prompt": conversation (image placeholder + text),
+    "image": the PIL image}."""
+    from PIL import Image
+
+    return [{"prompt": conversation(t), "image": Image.open(path).convert("RGB")}
+            for t, path in zip(spec["prompts"], spec["images"])]
+
+
+def prepare_image(row: dict) -> list[dict]:
+    """The row's conversation with its placeholder filled (what TRL renders)."""
+    conv = json.loads(json.dumps(row["prompt"]))
+    conv[0]["content"][0]["image"] = row["image"]
+    return conv
 
 
 def _versions() -> dict:
@@ -133,7 +160,8 @@ def trl_objective(spec_path: str) -> None:
     trainer._generate_single_turn = fixed_sampler
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by `train()`'s loop otherwise
-    rows = [{"prompt": t} for t in spec["prompts"] for _ in range(spec["group"])]  # RepeatSampler's order
+    prompts = _image_rows(spec) if spec.get("images") else [{"prompt": t} for t in spec["prompts"]]
+    rows = [r for r in prompts for _ in range(spec["group"])]  # RepeatSampler's order
     inputs = trainer._generate_and_score_completions(rows)
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, inputs)

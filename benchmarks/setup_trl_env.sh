@@ -18,7 +18,8 @@ TORCH_VERSION="2.13.0"
 TRL_VERSION="1.16.0"
 TRANSFORMERS_VERSION="5.24.0"   # the same as the project's venv, so both sides run one model code
 PACKAGES=("torch==${TORCH_VERSION}" "trl==${TRL_VERSION}" "transformers==${TRANSFORMERS_VERSION}"
-          "accelerate" "datasets" "numpy" "safetensors")
+          "accelerate" "datasets" "numpy" "safetensors"
+          "pillow")  # the VLM step (--image): transformers' PIL image processor and the PNG images
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating venv $VENV"

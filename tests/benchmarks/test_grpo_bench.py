@@ -178,3 +178,69 @@ def test_ours_objective_on_fixed_completions(bench, ours, check):
     shapes = {canonical_hf_key(k): v.shape for k, v in state.items()}
     assert {k: v.shape for k, v in out["grads"].items()} == shapes
     assert np.abs(out["grads"]["model.layers.0.mlp.up_proj.weight"]).max() > 0
+
+
+# ---------------------------------------------------------------------- the VLM step (--image)
+def test_our_vlm_step_runs_and_is_finite(bench, report, shared):
+    rows = _check_rows(report, shared, bench.main(TINY + ["--no-sparse", "--image", "56"]), ["zipr1_jax dense"])
+    assert rows["zipr1_jax dense"]["token_ratio"] == 1.0
+
+
+def test_vlm_processor_renders_the_image_block_at_the_model_ids(bench, shared):
+    """The offline processor TRL gets: one image block (start, pad x merged tokens, end) at the tiny
+    model's ids, then the word ids; pixel rows as many as the grid's patches; TRL's side renders
+    the same ids from its dataset rows (image column filled into the placeholder)."""
+    cfg = bench._rollout_bench().bench_config(hidden=64, layers=1, vocab=300)
+    images = shared.noise_images(2, 84, seed=0)
+    prompt_ids, ids_BL, mask_BL, vision = bench.image_prompts(cfg, ["w3 w17", "w5"], images)
+    n = (84 // 28) ** 2
+    block = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+    assert prompt_ids == [block + [3, 17], block + [5]]
+    assert ids_BL.shape == (2, n + 4) and mask_BL[1].tolist() == [0] + [1] * (n + 3)
+    assert ids_BL[1, 0] == cfg.pad_token_id and ids_BL[1, 1:].tolist() == block + [5]  # left padded
+    assert vision["image_grid_thw"].tolist() == [[1, 6, 6]] * 2
+    assert vision["pixel_values"].shape == (2 * 36, cfg.vision.patch_dim)
+    assert not np.array_equal(vision["pixel_values"][:36], vision["pixel_values"][36:])  # two different images
+    trl_side = importlib.import_module("grpo_trl_side")
+    proc = shared.vlm_processor(300, cfg.pad_token_id)
+    rows = [{"prompt": shared.conversation(t), "image": im} for t, im in zip(["w3 w17", "w5"], images)]
+    got = proc.apply_chat_template(conversation=[trl_side.prepare_image(r) for r in rows], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert [list(map(int, g)) for g in got] == prompt_ids
+    assert rows[0]["prompt"][0]["content"][0] == {"type": "image"}  # the dataset row is left untouched
+
+
+def test_ours_batch_repeats_each_prompts_pixels_per_row(bench, ours):
+    cfg = bench._rollout_bench().bench_config(hidden=64, layers=1, vocab=300)
+    images = importlib.import_module("grpo_shared").noise_images(2, 56, seed=1)
+    _, ids_BL, mask_BL, vision = bench.image_prompts(cfg, ["w1 w2", "w3"], images)
+    batch = ours.ours_batch(cfg, ids_BL, mask_BL, 3, **vision)
+    pix = vision["pixel_values"]
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 6
+    np.testing.assert_array_equal(batch["pixel_values"], np.concatenate([pix[:16]] * 3 + [pix[16:]] * 3))
+    assert batch["input_ids"].shape == (6, ids_BL.shape[1]) and (batch["rope_deltas"] < 0).all()
+    with pytest.raises(ValueError, match="pixel rows"):
+        ours.ours_batch(cfg, ids_BL, mask_BL, 3, pixel_values=pix[:20], image_grid_thw=vision["image_grid_thw"])
+    with pytest.raises(ValueError, match="one image per prompt"):
+        ours.ours_batch(cfg, ids_BL, mask_BL, 3, pixel_values=pix, image_grid_thw=vision["image_grid_thw"][:1])
+
+
+def test_image_args_are_checked(bench):
+    with pytest.raises(SystemExit, match="multiple of 28"):
+        bench.parse_args(["--image", "60"])
+    assert bench.parse_args(["--image", "112"]).image == 112
+
+
+def test_write_md_image_section_leaves_the_text_section(bench, report, tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# t\n\n" + report.SECTION + "\n\ntext table\n\n## Last\n\nkeep\n")
+    cfg = bench._rollout_bench().bench_config(hidden=64, layers=1, vocab=300)
+    phases = dict(rollout=0.05, reference=0.01, update=0.03, other=0.01)
+    rows = [dict(side="zipr1_jax dense", threads="jax pool", first_s=9.0, steady_s=0.1, min_s=0.1, max_s=0.2,
+                 phases=phases, loss=0.0, reward=0.5, kl=1e-8, length=4, token_ratio=1.0)]
+    versions = dict(jax="j", flax="f", transformers="t", torch="p")
+    args = bench.parse_args(TINY + ["--image", "112"])
+    report.write_section(dict(rows=rows, config=cfg, versions=versions, machine="m"), args, path=str(path))
+    text = path.read_text()
+    assert "text table" in text and "keep" in text and text.count(report.SECTION_IMAGE) == 1
+    assert "--image 112" in text and "112x112 px noise image (16 merged tokens" in text
