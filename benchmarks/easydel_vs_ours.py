@@ -91,18 +91,17 @@ def easydel_config(src_dir: str, dst_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------- the EasyDeL side (its venv)
-def easydel_worker(spec_path: str) -> None:
-    """Load the model, then serve "forward" / "generate" / "quit" lines from stdin; each op answers
-    with its seconds, the first of each op also writes its outputs to spec["out_<op>"] (npz)."""
+def load_easydel_model(model_dir: str):
+    """(EasyDeL's Qwen2-VL from `model_dir`, the o_proj biases zeroed by workaround (2)): float32
+    params and attention dtypes, `Precision.HIGHEST`, vanilla attention, a 1-device CPU mesh. Also
+    used by the GRPO bench's EasyDeL worker (grpo_easydel_side.py)."""
     import easydel as ed
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from transformers import GenerationConfig
 
-    spec = json.load(open(spec_path))
     model = ed.AutoEasyDeLModelForImageTextToText.from_pretrained(
-        spec["model_dir"], dtype=jnp.float32, param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST,
+        model_dir, dtype=jnp.float32, param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST,
         backend=ed.EasyDeLBackends.CPU, platform=ed.EasyDeLPlatforms.JAX, sharding_axis_dims=(1, 1, 1, 1, 1),
         auto_shard_model=True, local_files_only=True, verbose=False,
         config_kwargs=ed.EasyDeLBaseConfigDict(attn_mechanism=ed.AttentionMechanisms.VANILLA, attn_dtype=jnp.float32,
@@ -116,6 +115,26 @@ def easydel_worker(spec_path: str) -> None:
                 bias.get_value() is not None:
             bias.set_value(jnp.zeros_like(bias.get_value()))
             zeroed.append(".".join(names) + ".bias")
+    return model, zeroed
+
+
+def easydel_versions() -> dict:
+    import easydel as ed
+    import jax
+    return {"easydel": ed.__version__, "jax": jax.__version__, "flax": getattr(__import__("flax"), "__version__", "?"),
+            "transformers": __import__("transformers").__version__, "python": platform.python_version()}
+
+
+def easydel_worker(spec_path: str) -> None:
+    """Load the model, then serve "forward" / "generate" / "quit" lines from stdin; each op answers
+    with its seconds, the first of each op also writes its outputs to spec["out_<op>"] (npz)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from transformers import GenerationConfig
+
+    spec = json.load(open(spec_path))
+    model, zeroed = load_easydel_model(spec["model_dir"])
     ids = jnp.asarray(np.load(spec["prompts"])["ids"], jnp.int32)
     mask = jnp.asarray(np.load(spec["prompts"])["mask"], jnp.int32)
     graphdef, state = nnx.split(model)
@@ -131,10 +150,7 @@ def easydel_worker(spec_path: str) -> None:
         return model.generate(ids, attention_mask=mask, generation_config=gen_cfg).sequences[:, ids.shape[1]:]
 
     ops = {"forward": lambda: forward(state, ids, mask), "generate": generate}
-    _emit("init", versions={"easydel": ed.__version__, "jax": jax.__version__,
-                            "flax": getattr(__import__("flax"), "__version__", "?"),
-                            "transformers": __import__("transformers").__version__,
-                            "python": platform.python_version()}, zeroed=zeroed)
+    _emit("init", versions=easydel_versions(), zeroed=zeroed)
     first = set()
     with model.mesh:
         for line in sys.stdin:

@@ -9,6 +9,7 @@ import platform
 import time
 
 from _markdown import replace_section
+from grpo_easydel_side import NOTES as EASYDEL_NOTES
 from grpo_shared import GRAD_RTOL, LOSS_RTOL, PHASES
 
 SECTION = "## One GRPO step vs TRL GRPOTrainer"
@@ -18,18 +19,31 @@ def _f(x, fmt):
     return "n/a" if x is None else format(x, fmt)
 
 
+# The ratio columns of our rows: key in the row -> header (a column appears when some row has it).
+RATIOS = {"ratio": "ours / best TRL time: median (min - max over rounds)",
+          "ratio_easydel": "ours / EasyDeL time: median (min - max over rounds)"}
+
+
+def _ratio(r: dict, key: str) -> str:
+    if not r["side"].startswith("zipr1_jax"):  # a peer's own row
+        return "-"
+    if key not in r:  # no such peer in this run
+        return "n/a"
+    spread = f" ({r[key + '_min']:.2f} - {r[key + '_max']:.2f})" if key + "_min" in r else ""
+    return f"{r[key]:.2f}{spread}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| side | torch threads | first step s | s / step (median) | min - max s | "
-             "ours / best TRL time: median (min - max over rounds) | rollout s | reference s | update s | other s | "
-             "loss | reward | kl | completion len | token ratio |",
-             "|" + "---|" * 15]
+    keys = [k for k in RATIOS if any(k in r for r in rows)] or ["ratio"]
+    lines = ["| side | threads | first step s | s / step (median) | min - max s | "
+             + "".join(f"{RATIOS[k]} | " for k in keys)
+             + "rollout s | reference s | update s | other s | loss | reward | kl | completion len | token ratio |",
+             "|" + "---|" * (14 + len(keys))]
     for r in rows:
-        ph = " | ".join(f"{r['phases'][k]:.3f}" for k in PHASES)
-        ratio = "-" if r["side"].startswith("TRL") else _f(r.get("ratio"), ".2f")
-        if "ratio_min" in r and not r["side"].startswith("TRL"):
-            ratio += f" ({r['ratio_min']:.2f} - {r['ratio_max']:.2f})"
+        ph = " | ".join(_f(r["phases"][k], ".3f") for k in PHASES)
+        ratios = "".join(f"{_ratio(r, k)} | " for k in keys)
         lines.append(f"| {r['side']} | {r['threads']} | {r['first_s']:.2f} | {r['steady_s']:.3f} | "
-                     f"{r['min_s']:.3f} - {r['max_s']:.3f} | {ratio} | {ph} | "
+                     f"{r['min_s']:.3f} - {r['max_s']:.3f} | {ratios}{ph} | "
                      f"{_f(r['loss'], '.4f')} | {_f(r['reward'], '.3f')} | {_f(r['kl'], '.2e')} | "
                      f"{_f(r['length'], '.0f')} | {_f(r['token_ratio'], '.2f')} |")
     return "\n".join(lines)
@@ -90,6 +104,18 @@ def check_note(check: dict | None) -> str:
             "(measured at the smoke-test size).")
 
 
+def easydel_note(rows: list[dict]) -> str:
+    """What the EasyDeL row is, when the run has one (`--easydel`)."""
+    if not any(r["side"].startswith("EasyDeL") for r in rows):
+        return ""
+    return ("\nEasyDeL row: EasyDeL's own `GRPOTrainer` in its venv (jax 0.9.2: its ejkernel pin), on its copy "
+            "of the same checkpoint with the two config.json workarounds of the 'zipr1_jax vs EasyDeL' section, "
+            "stepped over the same pipe (`on_step_start` waits for the driver, `on_step_end` blocks on the new "
+            "state). No same-objective check (its loss and gradient on fixed completions are not reachable "
+            "without driving its internals); what is the same and what differs: "
+            + "; ".join(EASYDEL_NOTES) + ".\n")
+
+
 def _more(n: int) -> str:
     return f"then {n} more untimed step{'s' if n > 1 else ''}; " if n > 0 else ""
 
@@ -97,13 +123,19 @@ def _more(n: int) -> str:
 def write_section(result: dict, args, path: str | None = None) -> str:
     cfg, v = result["config"], result["versions"]
     t = cfg.text
-    cmd = (f"bash benchmarks/setup_trl_env.sh /work/trl_venv && ZIPR1_TRL_PYTHON=/work/trl_venv/bin/python "
+    ed_setup = ("bash benchmarks/setup_easydel_venv.sh /work/easydel_venv && "
+                "ZIPR1_EASYDEL_PYTHON=/work/easydel_venv/bin/python " if args.easydel else "")
+    cmd = (f"bash benchmarks/setup_trl_env.sh /work/trl_venv && {ed_setup}ZIPR1_TRL_PYTHON=/work/trl_venv/bin/python "
            f"nice -n 10 python benchmarks/grpo_step_vs_trl.py --prompts {args.prompts} --group {args.group} "
            f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats} --warmup {args.warmup} "
-           f"--threads {','.join(map(str, args.threads))}{f' --image {args.image}' if args.image else ''} --write-md")
+           f"--threads {','.join(map(str, args.threads))}{f' --image {args.image}' if args.image else ''}"
+           f"{' --easydel' if args.easydel else ''} --write-md")
     n_img = (args.image // 28) ** 2
     trl_v = (f"TRL venv: trl {v.get('trl_venv_trl')}, transformers {v.get('trl_venv_transformers')}, torch "
              f"{v.get('trl_venv_torch')}; " if "trl_venv_trl" in v else "TRL not run; ")
+    if "easydel_venv_easydel" in v:
+        trl_v += (f"EasyDeL venv: easydel {v['easydel_venv_easydel']}, jax {v.get('easydel_venv_jax')}, flax "
+                  f"{v.get('easydel_venv_flax')}; ")
     what = (f"{args.prompts} prompts, each one {args.image}x{args.image} px noise image ({n_img} merged tokens "
             f"after the vision tower's 2x2 merge) then its text (lengths {args.prompt // 2}..{args.prompt} words), "
             "identical token ids and pixels on both sides" if args.image else
@@ -133,5 +165,5 @@ def write_section(result: dict, args, path: str | None = None) -> str:
             f"{args.repeats} rounds, one step of every side per round (interleaved), median and min - max "
             "reported; the ratio column is ours / the faster TRL column, per round (median, min - max).\n\n"
             f"{check_note(result.get('check'))}\n\n{table(result['rows'])}\n\n{NOTE}"
-            f"{IMAGE_NOTE if args.image else VLM_NOTE}")
+            f"{easydel_note(result['rows'])}{IMAGE_NOTE if args.image else VLM_NOTE}")
     return replace_section(section, body, path)

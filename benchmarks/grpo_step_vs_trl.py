@@ -43,23 +43,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts
 from grpo_shared import (ADVANTAGE, EPS, HERE, PROTO, SPARSE_P, TRL_SCRIPT, conversation,  # noqa: E402
                          noise_images, prompt_texts, vlm_processor, word_tokenizer, worker_env)
 from grpo_check import check_objective  # noqa: E402
+from grpo_easydel_side import easydel_phases  # noqa: E402
 from grpo_ours_side import ours_batch, ours_runner  # noqa: E402
 from grpo_report import machine_note, table, write_section  # noqa: E402
 
 
-class TrlProcess:
-    """One TRL worker subprocess at a given torch thread count, stepped from the driver. Between
-    calls the worker is blocked in `on_step_begin` (or finished), so it never runs beside a timed
-    step of another side."""
+class WorkerProcess:
+    """One peer's worker subprocess (TRL at a torch thread count, or EasyDeL), stepped from the driver.
+    Between calls the worker is blocked in its step-begin callback (or finished), so it never runs
+    beside a timed step of another side."""
 
-    def __init__(self, python: str, spec: dict, workdir: str):
-        self.threads = spec["threads"]
-        path = os.path.join(workdir, f"spec_{self.threads}.json")
+    def __init__(self, label: str, python: str, script: str, flag: str, spec: dict, workdir: str):
+        self.label = label
+        tag = label.replace(" ", "_").replace("@", "")
+        path = os.path.join(workdir, f"spec_{tag}.json")
         with open(path, "w") as f:
             json.dump(spec, f)
-        self.log_path = os.path.join(workdir, f"trl_{self.threads}.log")
+        self.log_path = os.path.join(workdir, f"{tag}.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([python, TRL_SCRIPT, "--trl-worker", path], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, script, flag, path], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=worker_env())
         self.versions = self._expect("init")["versions"]
         self._last = self._expect("ready", "end")
@@ -69,29 +71,29 @@ class TrlProcess:
             if line.startswith(PROTO):
                 msg = json.loads(line[len(PROTO):])
                 if msg["kind"] not in kinds:
-                    raise RuntimeError(f"TRL worker ({self.threads} thr) sent {msg['kind']!r}, expected {kinds}")
+                    raise RuntimeError(f"{self.label} worker sent {msg['kind']!r}, expected {kinds}")
                 return msg
         self.proc.wait()
         self._log.flush()
         tail = "".join(open(self.log_path).readlines()[-30:])
-        raise RuntimeError(f"TRL worker ({self.threads} thr) exited with code {self.proc.returncode} while the "
-                           f"driver waited for {kinds}; last lines of {self.log_path}:\n{tail}")
+        raise RuntimeError(f"{self.label} worker exited with code {self.proc.returncode} while the driver waited "
+                           f"for {kinds}; last lines of {self.log_path}:\n{tail}")
 
-    def step(self) -> tuple[float, dict]:
-        """Run one trainer step; returns its time as the worker's callbacks measured it and its phases."""
+    def step(self) -> dict:
+        """Run one trainer step; returns the worker's "done" message (its seconds and phase data)."""
         if self._last["kind"] != "ready":
-            raise RuntimeError(f"TRL worker ({self.threads} thr) has no step left (max_steps reached)")
+            raise RuntimeError(f"{self.label} worker has no step left (max steps reached)")
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
         done = self._expect("done")
         self._last = self._expect("ready", "end")
-        return done["seconds"], trl_phases(done["seconds"], done["blocks"])
+        return done
 
     def finish(self) -> list[dict]:
         """Per-step logs of the trainer (loss, reward, kl, completion lengths, ...)."""
         if self._last["kind"] != "end":
             self.close()
-            raise RuntimeError(f"TRL worker ({self.threads} thr) still has steps left: the driver miscounted")
+            raise RuntimeError(f"{self.label} worker still has steps left: the driver miscounted")
         self.close()
         return self._last["logs"]
 
@@ -118,6 +120,18 @@ def trl_phases(total: float, blocks: list) -> dict:
     prepare, rollout = total_of("_prepare_inputs"), total_of("transformers.generate")
     ref = logps[0] if len(logps) > 1 else 0.0
     return dict(rollout=rollout, reference=ref, update=total - prepare, other=prepare - rollout - ref)
+
+
+EASYDEL_SIDE = "EasyDeL GRPOTrainer"
+EASYDEL_SCRIPT = os.path.join(HERE, "grpo_easydel_side.py")  # run by the EasyDeL venv's python
+
+
+def _easydel_bench():
+    """benchmarks/easydel_vs_ours.py (its checkpoint workarounds), loaded by path."""
+    spec = importlib.util.spec_from_file_location("easydel_bench", os.path.join(HERE, "easydel_vs_ours.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _rollout_bench():
@@ -149,24 +163,39 @@ def time_interleaved(sides: dict, *, warmup: int, repeats: int) -> dict:
     for r in res.values():
         times, phases = r["times"], r.pop("phases")
         r.update(steady_s=statistics.median(times), min_s=min(times), max_s=max(times),
-                 phases={k: statistics.median(p[k] for p in phases) for k in phases[0]})
+                 phases={k: _median_or_none([p[k] for p in phases]) for k in phases[0]})
     return res
 
 
-def _trl_side(worker: TrlProcess):
+def _median_or_none(values: list):
+    """Median of a phase over rounds; None when the side cannot measure it (EasyDeL's reference)."""
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _worker_side(worker: WorkerProcess, phases):
+    """A side for `time_interleaved`: one worker step, its phases from `phases(seconds, done message)`."""
     def run():
-        seconds, phases = worker.step()
-        return seconds, {"phases": phases}
+        done = worker.step()
+        return done["seconds"], {"phases": phases(done["seconds"], done)}
     return run
 
 
-def _trl_python(args) -> str:
-    python = args.trl_python or os.environ.get("ZIPR1_TRL_PYTHON") or os.path.join(
-        os.path.dirname(os.path.dirname(HERE)), "trl_venv", "bin", "python")
+def _peer_python(given: str | None, env: str, venv: str, setup: str, skip: str) -> str:
+    python = given or os.environ.get(env) or os.path.join(os.path.dirname(os.path.dirname(HERE)), venv, "bin",
+                                                          "python")
     if not os.path.isfile(python):
-        raise SystemExit(f"no TRL python at {python!r}: build it with `bash benchmarks/setup_trl_env.sh` and pass "
-                         "--trl-python or set ZIPR1_TRL_PYTHON (or run with --no-trl for our side only)")
+        raise SystemExit(f"no python at {python!r}: build its venv with `bash benchmarks/{setup}` and pass its "
+                         f"python or set {env} (or run with {skip})")
     return python
+
+
+def _trl_python(args) -> str:
+    return _peer_python(args.trl_python, "ZIPR1_TRL_PYTHON", "trl_venv", "setup_trl_env.sh", "--no-trl")
+
+
+def _easydel_python(args) -> str:
+    return _peer_python(args.easydel_python, "ZIPR1_EASYDEL_PYTHON", "easydel_venv", "setup_easydel_venv.sh",
+                        "without --easydel")
 
 
 def image_prompts(cfg, texts: list[str], images) -> tuple[list[list[int]], np.ndarray, np.ndarray, dict]:
@@ -218,13 +247,14 @@ def run_bench(args) -> dict:
     workers, check = {}, None
     with tempfile.TemporaryDirectory(prefix="grpo_bench_") as work:
         try:
+            model_dir = os.path.join(work, "model")
+            if not args.no_trl or args.easydel:
+                hf.save_pretrained(model_dir)
+            spec = dict(model_dir=model_dir, prompts=texts, prompt_ids=prompt_ids, vocab=V, pad_id=cfg.pad_token_id,
+                        group=args.group, new=args.new, beta=args.beta, eps_low=EPS[0], eps_high=EPS[1], lr=args.lr,
+                        seed=args.seed, steps=args.warmup + args.repeats, advantage=ADVANTAGE)
             if not args.no_trl:
                 python = _trl_python(args)
-                model_dir = os.path.join(work, "model")
-                hf.save_pretrained(model_dir)
-                spec = dict(model_dir=model_dir, prompts=texts, prompt_ids=prompt_ids, vocab=V, pad_id=cfg.pad_token_id,
-                            group=args.group, new=args.new, beta=args.beta, eps_low=EPS[0], eps_high=EPS[1], lr=args.lr,
-                            seed=args.seed, steps=args.warmup + args.repeats, advantage=ADVANTAGE)
                 if images:  # PNG: the worker reads back the exact pixels
                     spec["images"] = [os.path.join(work, f"image_{i}.png") for i in range(len(images))]
                     for im, path in zip(images, spec["images"]):
@@ -235,10 +265,19 @@ def run_bench(args) -> dict:
                     print(f"  objective check: {check}", flush=True)
                 for n in args.threads:
                     print(f"  starting TRL worker ({n} torch threads) ...", flush=True)
-                    w = workers[n] = TrlProcess(python, dict(spec, threads=n), work)
-                    sides[f"TRL @{n} thr"] = _trl_side(w)
+                    label = f"TRL @{n} thr"
+                    w = workers[label] = WorkerProcess(label, python, TRL_SCRIPT, "--trl-worker",
+                                                       dict(spec, threads=n), work)
+                    sides[label] = _worker_side(w, lambda sec, done: trl_phases(sec, done["blocks"]))
+            if args.easydel:
+                print("  starting EasyDeL worker ...", flush=True)
+                ed_dir = os.path.join(work, "model_easydel")
+                _easydel_bench().easydel_config(model_dir, ed_dir)
+                w = workers[EASYDEL_SIDE] = WorkerProcess(EASYDEL_SIDE, _easydel_python(args), EASYDEL_SCRIPT,
+                                                          "--easydel-worker", dict(spec, model_dir=ed_dir), work)
+                sides[EASYDEL_SIDE] = _worker_side(w, lambda sec, done: easydel_phases(sec, done["metrics"]))
             res = time_interleaved(sides, warmup=args.warmup, repeats=args.repeats)
-            trl_logs = {n: w.finish() for n, w in workers.items()}
+            peer_logs = {label: w.finish() for label, w in workers.items()}
         finally:
             for w in workers.values():
                 w.close()
@@ -251,29 +290,38 @@ def run_bench(args) -> dict:
             row.update(threads="jax pool", loss=m["loss"], reward=m["reward"], kl=m["kl"],
                        length=m["response_length"], token_ratio=m["token_ratio"], finished=m["finished"],
                        grad_norm=m["grad_norm"])
+        elif name == EASYDEL_SIDE:
+            last = peer_logs[name][-1] if peer_logs[name] else {}
+            row.update(threads="jax", loss=last.get("loss"), reward=last.get("reward_mean"), kl=last.get("kl"),
+                       length=last.get("completion_length"), token_ratio=1.0, grad_norm=None, logs=peer_logs[name])
         else:
             n = int(name.split("@")[1].split()[0])
-            step_logs = [lg for lg in trl_logs[n] if "reward" in lg]  # the last log is the run summary
+            step_logs = [lg for lg in peer_logs[name] if "reward" in lg]  # the last log is the run summary
             last = step_logs[-1] if step_logs else {}
             row.update(threads=n, loss=last.get("loss"), reward=last.get("reward"), kl=last.get("kl"),
                        length=last.get("completions/mean_length"), min_length=last.get("completions/min_length"),
-                       token_ratio=1.0, grad_norm=last.get("grad_norm"), logs=trl_logs[n])
+                       token_ratio=1.0, grad_norm=last.get("grad_norm"), logs=peer_logs[name])
         rows.append(row)
         if row["length"] is None or row["length"] != args.new or row.get("min_length", args.new) != args.new:
             raise RuntimeError(f"{name}: completions of {row['length']} tokens on average (min "
                                f"{row.get('min_length')}), expected exactly {args.new}: a row stopped early, so "
                                "the sides did not do the same work")
     trl_rows = [r for r in rows if r["side"].startswith("TRL")]
+    peers = {}
     if trl_rows:
-        best = min(trl_rows, key=lambda r: r["steady_s"])
-        for r in rows:
-            if r["side"].startswith("zipr1_jax"):
-                per_round = [a / b for a, b in zip(res[r["side"]]["times"], res[best["side"]]["times"])]
-                r.update(ratio=statistics.median(per_round), ratio_min=min(per_round), ratio_max=max(per_round))
+        peers["ratio"] = min(trl_rows, key=lambda r: r["steady_s"])["side"]
+    if EASYDEL_SIDE in res:
+        peers["ratio_easydel"] = EASYDEL_SIDE
+    for r in rows:
+        if r["side"].startswith("zipr1_jax"):
+            for key, peer in peers.items():
+                per_round = [a / b for a, b in zip(res[r["side"]]["times"], res[peer]["times"])]
+                r.update({key: statistics.median(per_round), key + "_min": min(per_round),
+                          key + "_max": max(per_round)})
     versions = dict(jax=jax.__version__, flax=flax.__version__, transformers=transformers.__version__,
                     torch=torch.__version__)
-    if workers:
-        versions.update({f"trl_venv_{k}": v for k, v in next(iter(workers.values())).versions.items()})
+    for label, w in workers.items():
+        versions.update({f"{'easydel' if label == EASYDEL_SIDE else 'trl'}_venv_{k}": v for k, v in w.versions.items()})
     return dict(rows=rows, config=cfg, versions=versions, machine=machine_note(load_before, rb.load_average()),
                 check=check)
 
@@ -297,7 +345,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", default=None, help="comma-separated torch thread counts, one TRL worker each "
                                                     "(default '<cores>,1')")
     ap.add_argument("--trl-python", default=None, help="python of the TRL venv (else $ZIPR1_TRL_PYTHON)")
-    ap.add_argument("--no-trl", action="store_true", help="our side only (no TRL venv needed)")
+    ap.add_argument("--no-trl", action="store_true", help="no TRL sides (no TRL venv needed)")
+    ap.add_argument("--easydel", action="store_true", help="also time EasyDeL's GRPOTrainer (its own venv)")
+    ap.add_argument("--easydel-python", default=None, help="python of the EasyDeL venv (else $ZIPR1_EASYDEL_PYTHON)")
     ap.add_argument("--no-sparse", dest="sparse", action="store_false", help="skip our sparse step")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the same-objective check (loss and gradient of both sides on one batch) before timing")
@@ -308,6 +358,8 @@ def parse_args(argv=None):
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
         raise SystemExit(f"--group must be >= 2 (GRPO compares completions within a group), got {args.group}")
+    if args.image and args.easydel:
+        raise SystemExit("--easydel runs the text step only (EasyDeL's GRPOTrainer is not driven with images here)")
     if args.image and (args.image < 56 or args.image % 28):
         raise SystemExit(f"--image must be a multiple of 28 that is >= 56 (patch 14, merge 2), got {args.image}")
     if args.hidden % 32:

@@ -93,10 +93,12 @@ def test_even_word_reward(shared):
     assert shared.even_word_reward("") == 0.0 and shared.even_word_reward("<pad> x") == 0.0
 
 
-def test_trl_side_imports_without_jax_or_zipr1_jax():
-    """The TRL venv has neither: the worker's modules must import with both blocked."""
+def test_worker_modules_import_without_jax_or_zipr1_jax():
+    """The TRL venv has neither, the EasyDeL venv no zipr1_jax (and another jax): the workers' modules
+    must import with all three blocked (jax is imported inside the EasyDeL worker function only)."""
     code = ("import sys; sys.modules.update(jax=None, flax=None, zipr1_jax=None); sys.path.insert(0, sys.argv[1]); "
-            "import grpo_trl_side, grpo_shared; assert grpo_shared.TRL_SCRIPT == grpo_trl_side.__file__")
+            "import grpo_trl_side, grpo_easydel_side, grpo_shared, easydel_vs_ours; "
+            "assert grpo_shared.TRL_SCRIPT == grpo_trl_side.__file__")
     proc = subprocess.run([sys.executable, "-c", code, os.path.abspath(_DIR)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -120,6 +122,41 @@ def test_write_md_replaces_only_its_section(bench, report, tmp_path):
     assert "| 0.25 | 0.050 | 0.010 | 0.030 | 0.010 |" in text and "trl 1.0" in text
     assert "| 0.400 | 0.400 - 0.500 | - |" in text  # TRL rows carry no ours / TRL ratio
     assert text.index("## Other") < text.index(report.SECTION) < text.index("## Last")
+
+
+def test_write_md_easydel_row_gets_its_own_ratio_column(bench, report, tmp_path):
+    """With an EasyDeL side: a second ratio column for our rows, its phases it cannot separate shown as
+    n/a, its venv in the versions, `--easydel` in the command, and what differs in the notes."""
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# t\n\n" + report.SECTION + "\n\nold\n")
+    cfg = bench._rollout_bench().bench_config(hidden=64, layers=1, vocab=300)
+    phases = dict(rollout=0.05, reference=0.01, update=0.03, other=0.01)
+    ed_phases = dict(rollout=0.5, reference=None, update=0.25, other=0.01)
+    rows = [dict(side="zipr1_jax dense", threads="jax pool", first_s=9.0, steady_s=0.1, min_s=0.1, max_s=0.2,
+                 ratio=0.25, ratio_min=0.2, ratio_max=0.3, ratio_easydel=0.125, ratio_easydel_min=0.1,
+                 ratio_easydel_max=0.15, phases=phases, loss=0.0, reward=0.5, kl=1e-8, length=4, token_ratio=1.0),
+            dict(side="TRL @1 thr", threads=1, first_s=1.0, steady_s=0.4, min_s=0.4, max_s=0.5, phases=phases,
+                 loss=None, reward=0.5, kl=2e-8, length=4, token_ratio=1.0),
+            dict(side=bench.EASYDEL_SIDE, threads="jax", first_s=20.0, steady_s=0.8, min_s=0.7, max_s=0.9,
+                 phases=ed_phases, loss=0.0, reward=0.5, kl=None, length=4, token_ratio=1.0)]
+    versions = dict(jax="j", flax="f", transformers="t", torch="p", trl_venv_trl="1.0", easydel_venv_easydel="0.3.0",
+                    easydel_venv_jax="0.9.2", easydel_venv_flax="0.12.3")
+    args = bench.parse_args(TINY + ["--easydel"])
+    report.write_section(dict(rows=rows, config=cfg, versions=versions, machine="m"), args, path=str(path))
+    text = path.read_text()
+    assert "ours / EasyDeL time" in text and "| 0.25 (0.20 - 0.30) | 0.12 (0.10 - 0.15) |" in text
+    assert "| 0.800 | 0.700 - 0.900 | - | - | 0.500 | n/a | 0.250 | 0.010 |" in text
+    assert "easydel 0.3.0, jax 0.9.2" in text and "--easydel --write-md" in text and "setup_easydel_venv.sh" in text
+    assert "EasyDeL row:" in text and "PRNGKey(0)" in text
+    with pytest.raises(SystemExit, match="text step only"):
+        bench.parse_args(["--easydel", "--image", "112"])
+
+
+def test_easydel_phases_split_only_what_its_timers_measure(bench):
+    ed = importlib.import_module("grpo_easydel_side")
+    got = ed.easydel_phases(3.0, {"generation_time": 1.8, "preprocessing_time": 2.0, "loss": 0.0})
+    assert got == pytest.approx(dict(rollout=1.8, reference=None, update=1.0, other=0.2))
+    assert ed.easydel_phases(3.0, {"loss": 0.0}) == dict(rollout=None, reference=None, update=None, other=None)
 
 
 def test_args_are_checked(bench):

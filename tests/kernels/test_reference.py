@@ -169,3 +169,56 @@ def test_model_attention_is_the_core_with_model_numerics():
         precise = softmax_attention(q, k, v, mask, empty_rows="uniform", float32=True)
         gap = float(jnp.max(jnp.abs(precise.astype(jnp.float32) - model.astype(jnp.float32))))
         assert (gap < 1e-6) if dtype == jnp.float32 else (gap > 1e-4)
+
+
+def test_causal_block_count_golden():
+    from zipr1_jax.kernels.sparse_attention.reference import causal_block_count
+
+    assert [causal_block_count(L) for L in (1, 128, 255, 256, 512, 640, 1024, 4096, 32768)] == \
+        [1, 1, 1, 2, 4, 5, 8, 8, 8]
+
+
+@pytest.mark.parametrize("L", [512, 389, 256])
+@pytest.mark.parametrize("empty_rows,float32", [("uniform", False), ("zero", True)])
+def test_causal_blocks_equal_the_whole_score_matrix(L, empty_rows, float32):
+    """causal=True skips the scores above the diagonal: values and gradients equal the unblocked
+    core, for uneven last blocks and rows that are unpadded, left padded (so with rows that see no
+    key: the mean of ALL values under "uniform", 0 under "zero") and randomly padded."""
+    from zipr1_jax.kernels.sparse_attention.reference import causal_block_count, softmax_attention
+
+    assert causal_block_count(L) > 1
+    N, K, H = 4, 2, 8
+    r = np.random.default_rng(L)
+    q, k, v = (jnp.asarray(r.normal(size=(3, L, n, H)), jnp.float32) for n in (N, K, K))
+    valid = np.stack([np.ones(L, bool), np.arange(L) >= L - 5, r.random(L) < 0.7])
+    mask = jnp.asarray(np.tril(np.ones((L, L), bool))[None] & valid[:, None, :])
+    w = jnp.asarray(r.normal(size=(3, L, N, H)), jnp.float32)
+
+    @jax.jit
+    def run(q, k, v):
+        out = {}
+        for causal in (False, True):
+            f = lambda q, k, v: softmax_attention(q, k, v, mask, causal=causal, empty_rows=empty_rows,  # noqa: E731
+                                                  float32=float32)
+            out[causal] = (f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v))
+        return out
+
+    out = run(q, k, v)
+    (whole, g_whole), (blocks, g_blocks) = out[False], out[True]
+    np.testing.assert_allclose(blocks, whole, atol=FP32_TOL, rtol=0)
+    want = jnp.mean(v[1], axis=0).repeat(N // K, axis=0) if empty_rows == "uniform" else jnp.zeros((N, H))
+    np.testing.assert_allclose(blocks[1, :L - 5], jnp.broadcast_to(want, (L - 5, N, H)), atol=FP32_TOL, rtol=0)
+    for a, b in zip(g_blocks, g_whole):
+        np.testing.assert_allclose(a, b, atol=FP32_TOL, rtol=0)
+
+
+def test_causal_flag_is_ignored_off_the_square():
+    """Queries != keys (a decode step, the last layer's sliced queries): no blocking, same bytes."""
+    from zipr1_jax.kernels.sparse_attention.reference import softmax_attention
+
+    r = np.random.default_rng(0)
+    q = jnp.asarray(r.normal(size=(2, 300, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(2, 512, 2, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(r.random((2, 300, 512)) < 0.5)
+    a, b = (softmax_attention(q, k, v, mask, causal=c) for c in (False, True))
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -1,6 +1,6 @@
 """End-to-end logits parity with transformers' Qwen2-VL / Qwen2.5-VL (fp32, max abs diff <= 1e-4):
-text only, one image, two images of different sizes, a video (2.5 with second_per_grid_ts), and a
-left-padded batch of two (compared on valid positions)."""
+text only, one image, two images of different sizes, a video (2.5 with second_per_grid_ts), and
+left-padded batches (compared on valid positions; a long one runs the causal query blocks)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +64,18 @@ def test_text_left_padded_batch(pair):
     cfg, hf, ours = pair
     rng = np.random.default_rng(1)
     ids, mask = left_pad([text_tokens(rng, 12), text_tokens(rng, 7)], cfg.pad_token_id)
+    assert _compare(cfg, hf, ours, ids, mask) <= TOL
+
+
+def test_long_left_padded_batch_runs_causal_blocks(pair):
+    """Prompts long enough that the decoder attention runs in causal query blocks (3 blocks of
+    the 389-column batch, the upper triangle skipped): still HF's logits."""
+    from zipr1_jax.kernels.sparse_attention.reference import causal_block_count
+
+    cfg, hf, ours = pair
+    rng = np.random.default_rng(2)
+    ids, mask = left_pad([text_tokens(rng, 389), text_tokens(rng, 200)], cfg.pad_token_id)
+    assert causal_block_count(ids.shape[1]) == 3
     assert _compare(cfg, hf, ours, ids, mask) <= TOL
 
 

@@ -20,7 +20,7 @@ from zipr1_jax.models.qwen_vl.config import QwenVLConfig
 from zipr1_jax.models.qwen_vl.rope import get_rope_index, mrope_cos_sin, text_position_ids
 from zipr1_jax.models.qwen_vl.sparse import SparseMixin
 from zipr1_jax.models.qwen_vl.text import (DEFAULT_INIT, AttendFn, DecoderLayer, QueryPositions, RMSNorm, TokenLinear,
-                                          slice_positions)
+                                          causal_dense_attention, slice_positions)
 from zipr1_jax.models.qwen_vl.vision import VisionTower
 from zipr1_jax.sharding.logical import constrain, param_axes
 
@@ -131,18 +131,24 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
                              mrope_section=t.mrope_section)
 
     def _stack(self, x_BLD, cos, sin, mask_BLS, *, attend, kv_updates=None, collect=False,
-               last_queries: QueryPositions | None = None):
+               last_queries: QueryPositions | None = None, causal: bool = False):
         """The decoder layers, then the final norm. `last_queries`: the LAST layer outputs only
         those positions ([B, Q, D]; see `DecoderLayer`), when it runs the default attention (a
-        replacement core may rely on seeing every query, e.g. the sparse layers' kept positions)."""
+        replacement core may rely on seeing every query, e.g. the sparse layers' kept positions).
+        `causal`: `mask_BLS` is the causal [B, L, L] mask, so layers on the default attention that
+        compute every query use `causal_dense_attention` (skips the masked upper triangle)."""
         hidden = [x_BLD] if collect else None
         attends = attend if isinstance(attend, Sequence) else [attend] * len(self.layers)
         if attends[-1] is not None or collect:
             last_queries = None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x_BLD = layer(x_BLD, cos, sin, mask_BLS, attend=attends[i],
+            layer_attend = attends[i]
+            if layer_attend is None and causal and (i != last or last_queries is None):
+                layer_attend = causal_dense_attention
+            x_BLD = layer(x_BLD, cos, sin, mask_BLS, attend=layer_attend,
                           kv_update=None if kv_updates is None else kv_updates[i],
-                          queries=last_queries if i == len(self.layers) - 1 else None)
+                          queries=last_queries if i == last else None)
             if collect and i < len(self.layers) - 1:
                 hidden.append(x_BLD)
         h_BLD = self.norm(x_BLD)
@@ -183,7 +189,7 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         cos, sin = self._rope(position_ids_3BL)
         slice_positions(x_BLD, logits_slice)  # validates the slice
         h_BLD, hidden = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, collect=return_hidden_states,
-                                    last_queries=logits_slice)
+                                    last_queries=logits_slice, causal=True)
         if logits_slice is not None and h_BLD.shape[1] == L:  # the last layer ran every position
             h_BLD = slice_positions(h_BLD, logits_slice)
         return ModelOutput(logits=self._logits(h_BLD), hidden_states=hidden)
@@ -220,7 +226,7 @@ class QwenVLForConditionalGeneration(SparseMixin, nnx.Module):
         # last_only the last layer computes that position's output only (its k / v still all L).
         last_B1 = jnp.max(jnp.where(valid_BL, jnp.arange(L)[None], 0), axis=1)[:, None] if last_only else None
         h_BLD, _ = self._stack(x_BLD, cos, sin, mask_BLS, attend=attend, kv_updates=[keep] * len(self.layers),
-                               last_queries=last_B1)
+                               last_queries=last_B1, causal=True)
         n_valid_B = jnp.sum(valid_BL, axis=1).astype(jnp.int32)
         cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs),
                         length=jnp.broadcast_to(n_valid_B[None], (len(self.layers), B)))

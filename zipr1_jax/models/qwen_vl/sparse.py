@@ -210,7 +210,7 @@ class SparseMixin:
                         q_BLNH[:, :end], k_BLKH[:, :end], valid_BL[:, :end], p_B, rng=layer_rng(rng, y))
                 if kept is None:
                     records[y] = (valid_BL, None, k_BLKH, v_BLKH)
-                    return dense_attention(q_BLNH, k_BLKH, v_BLKH, mask)
+                    return dense_attention(q_BLNH, k_BLKH, v_BLKH, mask, causal=True)
                 keep_BL, ratio_B = kept
                 records[y] = (keep_BL, ratio_B, k_BLKH, v_BLKH)
                 # Padding keys are never kept, so the kept set already carries the padding mask.

@@ -32,11 +32,20 @@ DEFAULT_INIT = jax.nn.initializers.normal(0.02)
 
 def dense_attention(q_BLNH: Float[Array, "B L N H"], k_BSKH: Float[Array, "B S K H"],
                     v_BSKH: Float[Array, "B S K H"], mask_BLS: Bool[Array, "B L S"] | None,
-                    *, sm_scale: float | None = None) -> Float[Array, "B L N H"]:
+                    *, sm_scale: float | None = None, causal: bool = False) -> Float[Array, "B L N H"]:
     """The model's attention: the shared core (`reference.softmax_attention`) with Hugging Face's
     eager numerics (float32 scores, probabilities in the values' dtype). A query row with no
-    visible key gets a uniform average rather than NaN (such rows are padding; never used)."""
-    return softmax_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, sm_scale=sm_scale, empty_rows="uniform", float32=False)
+    visible key gets a uniform average rather than NaN (such rows are padding; never used).
+    `causal`: the mask is the decoder's causal one (L == S), so the core may skip the scores above
+    the diagonal (`softmax_attention(causal=True)`)."""
+    return softmax_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, sm_scale=sm_scale, empty_rows="uniform", float32=False,
+                             causal=causal)
+
+
+def causal_dense_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS):
+    """`dense_attention` under the decoder's causal mask (the default `attend` of a full forward /
+    prefill layer that computes every query)."""
+    return dense_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, causal=True)
 
 
 def slice_positions(h_BLD: jax.Array, logits_slice: tuple[int, int] | None) -> jax.Array:
