@@ -135,7 +135,7 @@ def _check_models(models, settings, args) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from zipr1_jax.eval.harness import HarnessConfig, evaluate, write_tables  # noqa: PLC0415
-    from zipr1_jax.eval.loading import eval_set, load_model, load_tokenizer_for  # noqa: PLC0415
+    from zipr1_jax.eval.loading import eval_set, load_model, load_tokenizer_for, run_eval_set  # noqa: PLC0415
 
     models = [(label, load_model(path, step=args.step)) for label, path in map(_labelled, args.checkpoints)]
     first = models[0][1]
@@ -153,13 +153,9 @@ def main(argv=None) -> dict:
                   system_prompt=tc.data.system_prompt if tc is not None else "default")
     if args.sets is not None:
         sets = [eval_set(spec, tokenizer, first.config, **common) for spec in args.sets]
-    elif tc is not None and tc.data.source == "builtin":  # the trainer's own eval split
-        tasks = ",".join(tc.data.tasks) if tc.data.tasks else "all"
-        sets = [eval_set(f"builtin:{tasks}:{tc.eval.num_examples}", tokenizer, first.config,
-                         seed=tc.data.seed + 1_000_003, difficulty=tc.data.difficulty, **common)]
-    elif tc is not None:  # the trainer's eval examples: the first eval.num_examples records
-        common["limit"] = args.limit or tc.eval.num_examples
-        sets = [eval_set(f"{tc.data.source}:{tc.data.path}", tokenizer, first.config, **common)]
+    elif tc is not None:  # the trainer's own eval split / its first eval.num_examples records
+        sets = [run_eval_set(tc, tokenizer, first.config, batch_size=args.batch_size, limit=args.limit,
+                             image_size=image_size, length_buckets=buckets)]
     else:
         sets = [eval_set("builtin:all:64", tokenizer, first.config, **common)]
     eos = (int(tokenizer.convert_tokens_to_ids("<|im_end|>")), int(tokenizer.convert_tokens_to_ids("<|endoftext|>")))

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from zipr1_jax.eval.harness import HarnessConfig, SettingResult, evaluate
-from zipr1_jax.eval.loading import eval_set, load_model, load_tokenizer_for
+from zipr1_jax.eval.loading import load_model, load_tokenizer_for, run_eval_set
 from zipr1_jax.eval.pictures import plot_layer_ratios, plot_tradeoff
 from zipr1_jax.kernels.sparse_attention.selection import always_kept
 from zipr1_jax.train.builders import sparsity_config
@@ -94,11 +94,7 @@ def run_controls(cfg: TrainConfig, *, out_dir: str, seeds: Sequence[int] = (0, 1
     models = [("before RL", sft_ckpt)] + [(f"{arm} s{seed}", path) for (arm, seed), path in runs.items()]
     first = load_model(sft_ckpt)
     tokenizer = load_tokenizer_for(first, workdir=out_dir)
-    d = cfg.data
-    tasks = ",".join(d.tasks) if d.tasks else "all"
-    es = eval_set(f"builtin:{tasks}:{eval_examples}", tokenizer, first.config, batch_size=eval_batch,
-                  length_buckets=d.length_buckets, image_size=d.image_size, seed=d.seed + 1_000_003,
-                  difficulty=d.difficulty, system_prompt=d.system_prompt)
+    es = run_eval_set(cfg, tokenizer, first.config, num_examples=eval_examples, batch_size=eval_batch)
     eos = (int(tokenizer.convert_tokens_to_ids("<|im_end|>")), int(tokenizer.convert_tokens_to_ids("<|endoftext|>")))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[1]
     hc = HarnessConfig(max_new_tokens=cfg.rl.max_new_tokens, eos_ids=eos, pad_id=int(pad), seed=cfg.seed,

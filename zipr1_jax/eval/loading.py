@@ -290,3 +290,22 @@ def eval_set(spec: str, tokenizer, model_config, *, batch_size: int = 8, length_
                          **extra)
     return EvalSet(name=name, loader=eval_loader(src, tokenizer, cfg, model_config=model_config), source=src,
                    image_size=size)
+
+
+def run_eval_set(train_config, tokenizer, model_config, *, num_examples: int | None = None, batch_size: int = 8,
+                 limit: int | None = None, image_size=None, length_buckets=None) -> EvalSet:
+    """The held-out examples a training run evaluates on, prepared as it prepares them (its image
+    size, length buckets, system prompt; builtin tasks: the eval split seed `data.seed + 1_000_003`
+    and difficulty). `num_examples`: builtin sets only (default `eval.num_examples`); other sources
+    give their first `limit or eval.num_examples` records. `image_size` / `length_buckets` override
+    the run's."""
+    d = train_config.data
+    common = dict(batch_size=batch_size, image_size=tuple(image_size or d.image_size),
+                  length_buckets=tuple(length_buckets or d.length_buckets), system_prompt=d.system_prompt)
+    if d.source == "builtin":
+        tasks = ",".join(d.tasks) if d.tasks else "all"
+        n = num_examples or train_config.eval.num_examples
+        return eval_set(f"builtin:{tasks}:{n}", tokenizer, model_config, seed=d.seed + 1_000_003,
+                        difficulty=d.difficulty, limit=limit, **common)
+    return eval_set(f"{d.source}:{d.path}", tokenizer, model_config, limit=limit or train_config.eval.num_examples,
+                    **common)
