@@ -412,8 +412,8 @@ def write_section(result: dict, args, path: str | None = None, note: str = "") -
             "(`attn_dtype`, `kvdtype`); we set them to fp32. A ~2e-3 relative logit gap remains (its RoPE tables are "
             "cast to bf16 in `get_frequencies`; a gap at position 0 was not traced further); greedy tokens agree. "
             "EasyDeL runs in its own venv (jax 0.9.2: its ejkernel pin needs jax~=0.9.0), so the two sides also "
-            "differ in XLA version. Not measured: a GRPO step with EasyDeL's `GRPOTrainer` (it is pure JAX and "
-            f"might run on CPU, but wiring its dataset / EasyDeLState / trainer arguments was not attempted).{note}\n")
+            "differ in XLA version. A GRPO step with EasyDeL's own `GRPOTrainer` (it runs on CPU) is timed beside "
+            f"ours and TRL's in 'One GRPO step vs TRL GRPOTrainer' (`grpo_step_vs_trl.py --easydel`).{note}\n")
     return replace_section(SECTION, body, path)
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as scripts
 from grpo_shared import (ADVANTAGE, EPS, HERE, PROTO, SPARSE_P, TRL_SCRIPT, conversation,  # noqa: E402
                          noise_images, prompt_texts, vlm_processor, word_tokenizer, worker_env)
 from grpo_check import check_objective  # noqa: E402
+from easydel_vs_ours import easydel_config  # noqa: E402  (stdlib + numpy at import time)
 from grpo_easydel_side import easydel_phases  # noqa: E402
 from grpo_ours_side import ours_batch, ours_runner  # noqa: E402
 from grpo_report import machine_note, table, write_section  # noqa: E402
@@ -124,14 +125,6 @@ def trl_phases(total: float, blocks: list) -> dict:
 
 EASYDEL_SIDE = "EasyDeL GRPOTrainer"
 EASYDEL_SCRIPT = os.path.join(HERE, "grpo_easydel_side.py")  # run by the EasyDeL venv's python
-
-
-def _easydel_bench():
-    """benchmarks/easydel_vs_ours.py (its checkpoint workarounds), loaded by path."""
-    spec = importlib.util.spec_from_file_location("easydel_bench", os.path.join(HERE, "easydel_vs_ours.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rollout_bench():
@@ -272,7 +265,7 @@ def run_bench(args) -> dict:
             if args.easydel:
                 print("  starting EasyDeL worker ...", flush=True)
                 ed_dir = os.path.join(work, "model_easydel")
-                _easydel_bench().easydel_config(model_dir, ed_dir)
+                easydel_config(model_dir, ed_dir)
                 w = workers[EASYDEL_SIDE] = WorkerProcess(EASYDEL_SIDE, _easydel_python(args), EASYDEL_SCRIPT,
                                                           "--easydel-worker", dict(spec, model_dir=ed_dir), work)
                 sides[EASYDEL_SIDE] = _worker_side(w, lambda sec, done: easydel_phases(sec, done["metrics"]))

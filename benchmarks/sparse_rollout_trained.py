@@ -73,7 +73,8 @@ def kv_bytes(out, mask_BL, entry: int, layers: int) -> dict:
     n_valid_B = np.asarray(mask_BL > 0).sum(axis=1)
     kept_BY = np.rint(np.asarray(out.layer_ratio_BY, np.float64) * n_valid_B[:, None])
     return dict(slots=int(out.kv_capacity), allocated=layers * B * out.kv_capacity * entry,
-                kept=float((kept_BY + T).sum() * entry))
+                kept=float((kept_BY + T).sum() * entry),
+                layer_ratio=np.asarray(out.layer_ratio_BY, np.float64).mean(axis=0).tolist())
 
 
 def run_bench(args) -> dict:
@@ -141,14 +142,16 @@ def run_bench(args) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | attention | accuracy (n) | token ratio | s / rollout (median) | tok/s | time / dense: median "
-             "(min - max) | KV slots per row and layer | KV MB allocated | KV MB kept | kept / dense kept |",
-             "|" + "---|" * 11]
+             "(min - max) | per-layer ratio | KV slots per row and layer | KV MB allocated | KV MB kept | "
+             "kept / dense kept |",
+             "|" + "---|" * 12]
     dense_kept = {r["model"]: r["kept"] for r in rows if r["attention"] == "dense"}
     for r in rows:
         a = r["answers"]
         lines.append(f"| {r['model']} | {r['attention']} | {a['accuracy']:.3f} +- {a['accuracy_se']:.3f} ({a['n']}) | "
                      f"{r['ratio']:.3f} | {r['s']:.3f} | {r['tok_s']:.0f} | {r['vs_dense']:.2f} "
-                     f"({r['vs_dense_min']:.2f} - {r['vs_dense_max']:.2f}) | {r['slots']} | "
+                     f"({r['vs_dense_min']:.2f} - {r['vs_dense_max']:.2f}) | "
+                     f"{' '.join(f'{x:.2f}' for x in r['layer_ratio'])} | {r['slots']} | "
                      f"{r['allocated'] / 2**20:.2f} | {r['kept'] / 2**20:.2f} | {r['kept'] / dense_kept[r['model']]:.2f} |")
     return "\n".join(lines)
 
@@ -166,8 +169,8 @@ def write_section(result: dict, argv, path: str | None = None) -> str:
 
 
 NOTE = ("Reading: 'KV MB allocated' is the decode cache the rollout holds (CPU and accelerators alike); its slots "
-        "are set by the longest kept prompt over rows AND layers, so a layer that keeps most of its prompt sizes "
-        "the cache for all. 'KV MB kept' is what each layer really keeps (plus the new tokens): the bytes a decode "
+        "are set by the longest kept prompt over rows AND layers (one stacked [layers, rows, slots] cache), so the "
+        "layer that keeps most of its prompt (see the per-layer ratios of the timing batch) sizes the cache for all. 'KV MB kept' is what each layer really keeps (plus the new tokens): the bytes a decode "
         "kernel that stops at each layer's length reads per step (the Pallas decode kernels on TPU / GPU); the "
         "xla path used on CPU reads every allocated slot, so the CPU time follows the allocated column. Timings "
         "are CPU timings of a TINY model on a shared 2-core machine.\n")

@@ -1,19 +1,12 @@
 """benchmarks/decode_roofline.py: the byte count on golden numbers, and the script end to end."""
 
-import importlib.util
-import os
-
 import pytest
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "decode_roofline.py")
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("decode_roofline", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("decode_roofline.py")
 
 
 def test_step_bytes_golden(bench):

@@ -3,24 +3,20 @@ a saved transformers checkpoint) runs end to end at tiny size; the EasyDeL confi
 per-round ratio and `--write-md` behave. EasyDeL itself is not needed (it lives in its own venv);
 no timing is asserted."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+from bench_loader import BENCH_DIR, load_benchmark
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "easydel_vs_ours.py")
 TINY = ["--batch", "2", "--prompt", "12", "--new", "3", "--repeats", "1", "--hidden", "64", "--layers", "1",
         "--vocab", "300", "--no-easydel"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("easydel_vs_ours", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("easydel_vs_ours.py")
 
 
 def test_our_side_runs_without_easydel(bench):
@@ -86,7 +82,7 @@ def test_args_are_checked(bench):
 
 
 def test_setup_script_pins_cpu_torch_and_refuses_project_venvs():
-    script = open(os.path.join(os.path.dirname(_PATH), "setup_easydel_venv.sh")).read()
+    script = open(os.path.join(BENCH_DIR, "setup_easydel_venv.sh")).read()
     assert 'TORCH_VERSION="2.13.0+cpu"' in script and "--dry-run" in script
     assert "nvidia|cuda|triton" in script and "/work/venv" in script
     assert np.all([s in script for s in ('"easydel==${EASYDEL_VERSION}"', '"jax==${JAX_VERSION}"')])

@@ -6,17 +6,14 @@ touches only its section. TRL itself is not needed (it lives in its own venv). N
 asserted."""
 
 import importlib
-import importlib.util
 import math
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from bench_loader import BENCH_DIR, load_benchmark
 
-_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-_PATH = os.path.join(_DIR, "grpo_step_vs_trl.py")
 TINY = ["--prompts", "2", "--group", "2", "--prompt", "16", "--new", "4", "--repeats", "1", "--hidden", "64",
         "--layers", "1", "--vocab", "300", "--no-trl"]
 
@@ -24,10 +21,7 @@ TINY = ["--prompts", "2", "--group", "2", "--prompt", "16", "--new", "4", "--rep
 @pytest.fixture(scope="module")
 def bench():
     """The driver; loading it puts benchmarks/ on sys.path, so its modules import by name below."""
-    spec = importlib.util.spec_from_file_location("grpo_step_vs_trl", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grpo_step_vs_trl.py")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +93,7 @@ def test_worker_modules_import_without_jax_or_zipr1_jax():
     code = ("import sys; sys.modules.update(jax=None, flax=None, zipr1_jax=None); sys.path.insert(0, sys.argv[1]); "
             "import grpo_trl_side, grpo_easydel_side, grpo_shared, easydel_vs_ours; "
             "assert grpo_shared.TRL_SCRIPT == grpo_trl_side.__file__")
-    proc = subprocess.run([sys.executable, "-c", code, os.path.abspath(_DIR)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, BENCH_DIR], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

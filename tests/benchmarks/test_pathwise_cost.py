@@ -1,19 +1,12 @@
 """benchmarks/pathwise_cost.py: the analytic counts on golden numbers, and the script's table."""
 
-import importlib.util
-import os
-
 import pytest
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "pathwise_cost.py")
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("pathwise_cost", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pathwise_cost.py")
 
 
 def test_probe_counts_golden(bench):

@@ -2,23 +2,17 @@
 throughputs, and — the real check — greedy tokens of zipr1_jax `generate` and transformers
 `generate` are identical on the same weights (fp32). No timing is asserted."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
+from bench_loader import load_benchmark
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "rollout.py")
 TINY = ["--batch", "3", "--prompt", "24", "--new", "6", "--repeats", "1", "--hidden", "64", "--layers", "2",
         "--vocab", "300"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("rollout_bench", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("rollout.py", "rollout_bench")
 
 
 def _check_rows(result, n_cases):

@@ -4,12 +4,10 @@ script end to end at that length (CPU cross-check only; the deviceless TPU / H10
 .ci/aot_deps.sh). No timing is asserted."""
 
 import functools
-import importlib.util
-import os
 
 import pytest
+from bench_loader import load_benchmark
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "selection_cost.py")
 SMALL = 512
 # XLA's count vs the analytic one. FLOPs: the probe matmul dominates both, so they agree closely.
 # Bytes: the analytic count is what XLA must materialise (4 passes over the [N, R, S] float32 logits
@@ -21,10 +19,7 @@ BYTE_RANGE = (0.25, 4.0)
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("selection_cost", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("selection_cost.py")
 
 
 def test_shapes_are_the_preset(bench):

@@ -6,8 +6,6 @@ only its section. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import jax
 import numpy as np
@@ -16,18 +14,15 @@ import pytest
 from zipr1_jax.checkpoint import Checkpointer, save_params
 from zipr1_jax.train.builders import build_model, split_params
 from zipr1_jax.train.cli import load_config
+from bench_loader import load_benchmark
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "sparse_rollout_trained.py")
 SMALL = ["model.preset=tiny_qwen2_vl", "data.image_size=[56,56]", "data.tasks=[spot_color]",
          "data.length_buckets=[128]", "rl.max_new_tokens=4"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sparse_rollout_trained", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sparse_rollout_trained.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,13 @@
 """benchmarks/update_layout.py: the two dot layouts agree, the shipped one has fewer layout ops,
 and the script end to end (no timing asserted)."""
 
-import importlib.util
-import os
-
 import pytest
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "update_layout.py")
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("update_layout", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("update_layout.py")
 
 
 def test_script_end_to_end(bench, tmp_path):
