@@ -8,7 +8,7 @@ Models: the run's last checkpoint ("after RL") and the weights its RL started fr
 (`checkpoints/reference`: "before RL"). Both on the run's own held-out split, prepared as the run
 prepares it (`eval.loading.run_eval_set`):
   1. answers: greedy accuracy, dense and at top-p `--p`, with the run's stop tokens, over
-     `--accuracy-examples` examples (the trainer's evaluation loop, `train.greedy_eval.decode_batches`);
+     `--accuracy-examples` examples (the trainer's evaluation loop, `train.greedy_eval.evaluate_greedy`);
      the same sparse-prefill selection keys as the timed calls.
   2. timing: one batch of `--batch` prompts, `rl.rollout.generate` (greedy) of exactly `--new` tokens
      per row (stop id outside the vocabulary, so dense and sparse run the same number of decode
@@ -36,7 +36,6 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,27 +43,19 @@ from _markdown import replace_section  # noqa: E402
 
 from zipr1_jax.eval.loading import load_model, load_tokenizer_for, run_eval_set  # noqa: E402
 from zipr1_jax.rl.rollout import SamplingConfig, generate  # noqa: E402
-from zipr1_jax.train.greedy_eval import batch_key, decode_batches, model_inputs  # noqa: E402
+from zipr1_jax.eval.harness import kv_entry_bytes  # noqa: E402
+from zipr1_jax.train.greedy_eval import batch_key, evaluate_greedy, model_inputs  # noqa: E402
 
 SECTION = "## Sparse rollouts of a trained model"
 
 
-def _entry_bytes(model) -> int:
-    t = model.config.text
-    return 2 * t.num_key_value_heads * t.head_dim * jnp.dtype(model.config.dtype).itemsize
-
-
 def accuracy(loaded, es, tokenizer, *, p: float, sampling: SamplingConfig, sparsity) -> dict:
-    """Greedy accuracy (with its binomial standard error) and mean token ratio over the eval set."""
-    budget = (lambda R: None) if p >= 1.0 else (lambda R: np.full((R,), p, np.float32))
-    correct, ratios = [], []
-    for d in decode_batches(loaded.model, es.loader, tokenizer, sampling=sampling, budget_B=budget,
-                            sparsity=sparsity):
-        correct += d.correct
-        ratios.append(np.asarray(d.out.token_ratio_B, np.float64)[d.rows])
-    acc = float(np.mean(correct))
-    return dict(n=len(correct), accuracy=acc, accuracy_se=float(np.sqrt(acc * (1 - acc) / len(correct))),
-                token_ratio=float(np.concatenate(ratios).mean()))
+    """Greedy accuracy (with its binomial standard error) and mean token ratio over the eval set
+    (`train.greedy_eval.evaluate_greedy`: the trainer's evaluation loop)."""
+    r = evaluate_greedy(loaded.model, es.loader, tokenizer, p=p, max_new_tokens=sampling.max_new_tokens,
+                        eos_ids=sampling.eos_ids, pad_id=sampling.pad_id, sparsity=sparsity)
+    return dict(n=r.num_examples, accuracy=r.accuracy, token_ratio=r.token_ratio,
+                accuracy_se=float(np.sqrt(r.accuracy * (1 - r.accuracy) / r.num_examples)))
 
 
 def kv_bytes(out, mask_BL, entry: int, layers: int) -> dict:
@@ -115,7 +106,7 @@ def run_bench(args) -> dict:
     for k, (call, mask) in calls.items():
         t0 = time.perf_counter()
         out = jax.block_until_ready(call())
-        res[k].update(first_s=time.perf_counter() - t0, kv=kv_bytes(out, np.asarray(mask), _entry_bytes(after.model),
+        res[k].update(first_s=time.perf_counter() - t0, kv=kv_bytes(out, np.asarray(mask), kv_entry_bytes(after.model),
                                                                      after.config.text.num_hidden_layers),
                       ratio=float(np.mean(np.asarray(out.token_ratio_B))), new=int(np.asarray(out.mask_BT).sum()))
         if res[k]["new"] != out.tokens_BT.shape[0] * args.new:

@@ -144,7 +144,8 @@ def _run_prefill(model, x: dict, key, p_B, config: HarnessConfig, sparsity):
     return jax.block_until_ready(out)
 
 
-def _kv_entry_bytes(model) -> int:
+def kv_entry_bytes(model) -> int:
+    """Bytes of one cached token of one layer: its key and value over all kv heads."""
     t = model.config.text
     return 2 * t.num_key_value_heads * t.head_dim * jnp.dtype(model.config.dtype).itemsize
 
@@ -202,7 +203,7 @@ def evaluate_setting(model: nnx.Module, batches: Iterable[dict], tokenizer, sett
                      ) -> SettingResult:
     """Greedy-evaluate one setting over every valid row of `batches` (an eval loader) with the
     shared loop (`decode_batches`), timing each batch's generate and prefill."""
-    entry = _kv_entry_bytes(model)
+    entry = kv_entry_bytes(model)
     correct, responses, ratios, layer_ratios, kv, kv_dense, new_tokens = [], [], [], [], [], [], 0
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = _Progress(config.progress, total, f"{model_name} | {set_name} | {setting.label}")
